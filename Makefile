@@ -1,0 +1,24 @@
+# The two set-up commands of the README. Both create .venv from scratch if it is missing.
+PY ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+
+.PHONY: install demo test clean
+
+$(BIN)/stepflash: pyproject.toml
+	$(PY) -m venv $(VENV)
+	# torch first, pinned to the CPU build, so nothing else can pull a CUDA wheel.
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e ".[test]"
+	touch $(BIN)/stepflash
+
+install: $(BIN)/stepflash
+
+demo: install
+	$(BIN)/python -m stepflash.demo
+
+test: install
+	$(BIN)/python -m pytest
+
+clean:
+	rm -rf $(VENV) runs/demo
