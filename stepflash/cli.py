@@ -5,7 +5,7 @@ The dataclass fields become the verb's flags (`max_new_tokens` -> `--max-new-tok
 metadata says `positional=True` becomes a positional argument. Modules are imported only when their
 verb runs, so `stepflash info` does not pay for FastAPI or the trainer.
 
-Errors a user can cause are raised as `UserError` (or `ConfigError`) anywhere below and printed here as
+Errors a user can cause are raised as `stepflash.errors.UserError` (or `ConfigError`) anywhere below and printed here as
 one line, with exit status 2.
 """
 
@@ -17,6 +17,8 @@ import importlib
 import sys
 import types
 import typing
+
+from stepflash.errors import ConfigError, UserError
 
 # verb -> (module, dataclass name, one-line help). Two-word verbs ("data prepare") are matched first.
 VERBS: dict[str, tuple[str, str, str]] = {
@@ -35,10 +37,6 @@ VERBS: dict[str, tuple[str, str, str]] = {
     "convert": ("stepflash.distributed.convert", "ConvertArgs", "convert between DCP and safetensors checkpoints"),
     "plan": ("stepflash.distributed.plan", "PlanArgs", "memory plan per GPU for training and inference"),
 }
-
-
-class UserError(Exception):
-    """An error the user caused (bad path, bad flag); reported as one line without a traceback."""
 
 
 def _flag_type(tp):
@@ -94,8 +92,6 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     rest = argv[len(verb.split()):]
     module_name, cls_name, _ = VERBS[verb]
-    from stepflash.config import ConfigError
-
     try:
         module = importlib.import_module(module_name)
     except ModuleNotFoundError as e:
