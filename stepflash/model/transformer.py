@@ -100,7 +100,8 @@ class Step35ForCausalLM(nn.Module):
                 specs.append(spec)
             self.rope_of.append(specs.index(spec))
         self.rotary = nn.ModuleList([RotaryEmbedding(*s) for s in specs])
-        self.init_weights()
+        if not self.lm_head.weight.is_meta:  # on meta there is nothing to initialise (checkpoint loads assign)
+            self.init_weights()
 
     # ---- parts -------------------------------------------------------------------------------
     @property
