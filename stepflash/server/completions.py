@@ -1,0 +1,286 @@
+"""The two generation endpoints: /v1/completions (raw text) and /v1/chat/completions (Step 3.5 chat).
+
+A request becomes one engine request per choice (`n` times each prompt). Each choice has its own
+`TextStream` (decoding, stop strings) and, for chat, its own `ChatStreamParser` (reasoning, content,
+tool calls). The same event loop serves both the streaming (SSE) and the one-shot response; the
+only difference is whether deltas are sent as they come or folded into one body.
+
+Choices made where OpenAI's API says nothing about this model:
+- stop strings are matched on the whole generated text, reasoning included (as vLLM does);
+- choice j of a request with `seed` samples with seed + j, so n > 1 gives n different samples;
+- `tool_choice` "none" drops the tools from the prompt and skips tool-call parsing; "required" or a
+  named function is accepted but not enforced (no constrained decoding);
+- prompt_tokens in `usage` counts each prompt once, completion_tokens every generated token of every
+  choice, including the end-of-turn token that stopped it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, AsyncIterator
+
+from stepflash.chat import ChatFormatError, ChatStreamParser, ChatTemplate, ParsedReply, collect, opens_reasoning
+from stepflash.server.protocol import ChatCompletionRequest, CompletionRequest, SamplingFields
+from stepflash.server.runner import EngineRunner, QueueFull
+from stepflash.server.textstream import TextStream
+
+
+class APIError(Exception):
+    """An error for the client, in OpenAI's shape."""
+
+    def __init__(self, status: int, message: str, type: str = "invalid_request_error", param: str | None = None,
+                 code: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+@dataclass
+class Choice:
+    """The state of one generated sequence."""
+
+    index: int
+    stream: TextStream
+    parser: ChatStreamParser | None = None  # chat only
+    reply: ParsedReply = field(default_factory=lambda: ParsedReply(None, None))
+    text: str = ""  # completions: all released text
+    tokens: int = 0
+    calls_sent: int = 0
+    finish_reason: str | None = None
+
+
+@dataclass
+class Service:
+    runner: EngineRunner
+    tokenizer: Any  # tokenizers.Tokenizer
+    model_name: str
+    template: ChatTemplate
+    max_model_len: int
+    vocab_size: int
+    eos_ids: list[int]
+    make_params: Any  # SamplingParams class
+    speculative_tokens: int = 0
+
+    # ---- request -> engine requests --------------------------------------------------------------
+    def encode(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text, add_special_tokens=False).ids
+
+    def _check_ids(self, ids: list[int], param: str) -> None:
+        bad = [t for t in ids if not 0 <= t < self.vocab_size]
+        if bad:
+            raise APIError(400, f"{param}: token id {bad[0]} is outside the vocabulary (0..{self.vocab_size - 1})",
+                           param=param)
+
+    def _engine_requests(self, req: SamplingFields, prompts: list[list[int]], param: str, default_max: int | None):
+        self._check_ids(req.stop_ids(), "stop")
+        stop_ids = sorted(set(self.eos_ids) | set(req.stop_ids()))
+        out = []
+        for ids in prompts:
+            if not ids:
+                raise APIError(400, f"{param}: the prompt is empty", param=param)
+            self._check_ids(ids, param)
+            room = self.max_model_len - len(ids)
+            if room < 1:
+                raise APIError(400, f"{param}: the prompt has {len(ids)} tokens, the context length is "
+                                    f"{self.max_model_len}", param=param, code="context_length_exceeded")
+            max_tokens = req.max_tokens or min(default_max or room, room)
+            if max_tokens > room:
+                raise APIError(400, f"max_tokens: the prompt ({len(ids)} tokens) plus max_tokens ({max_tokens}) "
+                                    f"exceeds the context length ({self.max_model_len})", param="max_tokens",
+                               code="context_length_exceeded")
+            for j in range(req.n):
+                params = self.make_params(
+                    max_new_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p,
+                    top_k=max(req.top_k, 0), seed=None if req.seed is None else req.seed + j,
+                    stop_token_ids=tuple(stop_ids), speculative_tokens=self.speculative_tokens)
+                out.append((ids, params))
+        return out, stop_ids
+
+    def _chat_prompt(self, req: ChatCompletionRequest) -> tuple[list[int], list[dict] | None, bool]:
+        use_tools = req.tools if req.tools and req.tool_choice != "none" else None
+        tools = [t.model_dump(exclude_none=True) for t in use_tools] if use_tools else None
+        messages = [m.model_dump(exclude_none=True) for m in req.messages]
+        try:
+            prompt = self.template.render(messages, tools)
+        except ChatFormatError as e:
+            raise APIError(400, str(e), param="messages") from None
+        return self.encode(prompt), tools, opens_reasoning(prompt)
+
+    def check_model(self, model: str | None) -> None:
+        if model is not None and model != self.model_name:
+            raise APIError(404, f"model {model!r} does not exist; this server serves {self.model_name!r}",
+                           param="model", code="model_not_found")
+
+    # ---- generation ----------------------------------------------------------------------------
+    async def _run(self, handles, choices: list[Choice], request=None) -> AsyncIterator[tuple[Choice, str]]:
+        """Yield (choice, released text) as tokens arrive; set each choice's finish_reason.
+        With `request` (one-shot responses), a client that disconnects aborts everything at once."""
+        queue, pending = handles[0].events, len(handles)
+        watcher = asyncio.create_task(_watch_disconnect(request, queue)) if request is not None else None
+        try:
+            while pending:
+                index, kind, *payload = await queue.get()
+                if kind == "disconnect":
+                    return
+                choice = choices[index]
+                if choice.finish_reason is not None:
+                    continue
+                if kind == "tokens":
+                    choice.tokens += len(payload[0])
+                    text = choice.stream.push(payload[0])
+                    if choice.stream.stopped:  # a stop string: end this choice now
+                        self.runner.cancel(handles[index], status="ok")
+                        choice.finish_reason = "stop"
+                        pending -= 1
+                elif kind == "finish":
+                    text, choice.finish_reason = choice.stream.finish(), payload[0]
+                    pending -= 1
+                else:
+                    raise APIError(500, payload[0], type="server_error")
+                yield choice, text
+        finally:
+            if watcher is not None:
+                watcher.cancel()
+            for handle in handles:
+                self.runner.cancel(handle)  # no-op for finished ones
+
+    def _submit(self, engine_requests):
+        try:
+            return self.runner.submit_many(engine_requests)
+        except QueueFull as e:
+            raise APIError(429, str(e), type="rate_limit_error", code="queue_full") from None
+
+    # ---- /v1/chat/completions ------------------------------------------------------------------
+    def start_chat(self, req: ChatCompletionRequest):
+        self.check_model(req.model)
+        ids, tools, reasoning = self._chat_prompt(req)
+        engine_requests, stop_ids = self._engine_requests(req, [ids], "messages", None)
+        choices = [Choice(i, TextStream(self.tokenizer, req.stop_strings(), stop_ids), ChatStreamParser(tools, reasoning))
+                   for i in range(len(engine_requests))]
+        return self._submit(engine_requests), choices, len(ids)
+
+    async def chat(self, req: ChatCompletionRequest, request) -> dict:
+        handles, choices, prompt_tokens = self.start_chat(req)
+        async for choice, text in self._run(handles, choices, request):
+            collect(choice.parser.feed(text), choice.reply)
+            if choice.finish_reason is not None:
+                collect(choice.parser.finish(), choice.reply)
+        return {"id": _id("chatcmpl"), "object": "chat.completion", "created": int(time.time()),
+                "model": self.model_name, "choices": [_chat_choice(c) for c in choices],
+                "usage": _usage(prompt_tokens, choices)}
+
+    async def chat_stream(self, req: ChatCompletionRequest, started) -> AsyncIterator[str]:
+        handles, choices, prompt_tokens = started
+        head = {"id": _id("chatcmpl"), "object": "chat.completion.chunk", "created": int(time.time()),
+                "model": self.model_name}
+        for c in choices:
+            yield _sse({**head, "choices": [{"index": c.index, "delta": {"role": "assistant", "content": ""},
+                                             "finish_reason": None}]})
+        try:
+            async for choice, text in self._run(handles, choices):
+                events = choice.parser.feed(text)
+                if choice.finish_reason is not None:
+                    events += choice.parser.finish()
+                for delta in _chat_deltas(choice, events):
+                    yield _sse({**head, "choices": [{"index": choice.index, "delta": delta, "finish_reason": None}]})
+                if choice.finish_reason is not None:
+                    yield _sse({**head, "choices": [{"index": choice.index, "delta": {},
+                                                     "finish_reason": _chat_finish(choice)}]})
+        except APIError as e:
+            yield _sse(e.body())
+        if req.stream_options and req.stream_options.include_usage:
+            yield _sse({**head, "choices": [], "usage": _usage(prompt_tokens, choices)})
+        yield "data: [DONE]\n\n"
+
+    # ---- /v1/completions -----------------------------------------------------------------------
+    def start_completion(self, req: CompletionRequest):
+        self.check_model(req.model)
+        prompts = [self.encode(p) if isinstance(p, str) else p for p in req.prompts()]
+        engine_requests, stop_ids = self._engine_requests(req, prompts, "prompt", 16)
+        choices = [Choice(i, TextStream(self.tokenizer, req.stop_strings(), stop_ids))
+                   for i in range(len(engine_requests))]
+        if req.echo:
+            for c, (ids, _) in zip(choices, engine_requests):
+                c.text = self.tokenizer.decode(ids, skip_special_tokens=False)
+        return self._submit(engine_requests), choices, sum(len(p) for p in prompts)
+
+    async def completion(self, req: CompletionRequest, request) -> dict:
+        handles, choices, prompt_tokens = self.start_completion(req)
+        async for choice, text in self._run(handles, choices, request):
+            choice.text += text
+        return {"id": _id("cmpl"), "object": "text_completion", "created": int(time.time()),
+                "model": self.model_name, "usage": _usage(prompt_tokens, choices),
+                "choices": [{"index": c.index, "text": c.text, "logprobs": None, "finish_reason": c.finish_reason}
+                            for c in choices]}
+
+    async def completion_stream(self, req: CompletionRequest, started) -> AsyncIterator[str]:
+        handles, choices, prompt_tokens = started
+        head = {"id": _id("cmpl"), "object": "text_completion", "created": int(time.time()), "model": self.model_name}
+        for c in choices:
+            if c.text:  # echo
+                yield _sse({**head, "choices": [{"index": c.index, "text": c.text, "logprobs": None,
+                                                 "finish_reason": None}]})
+        try:
+            async for choice, text in self._run(handles, choices):
+                if text or choice.finish_reason is not None:
+                    yield _sse({**head, "choices": [{"index": choice.index, "text": text, "logprobs": None,
+                                                     "finish_reason": choice.finish_reason}]})
+        except APIError as e:
+            yield _sse(e.body())
+        if req.stream_options and req.stream_options.include_usage:
+            yield _sse({**head, "choices": [], "usage": _usage(prompt_tokens, choices)})
+        yield "data: [DONE]\n\n"
+
+
+# ---- helpers ------------------------------------------------------------------------------------
+
+async def _watch_disconnect(request, queue: asyncio.Queue) -> None:
+    """Wait for the client to hang up (the body has been read, so the next ASGI message is the
+    disconnect) and tell the generation loop."""
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            queue.put_nowait((-1, "disconnect"))
+            return
+
+
+def _id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex}"
+
+
+def _sse(obj: dict) -> str:
+    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+
+
+def _usage(prompt_tokens: int, choices: list[Choice]) -> dict:
+    completion = sum(c.tokens for c in choices)
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion, "total_tokens": prompt_tokens + completion}
+
+
+def _chat_finish(choice: Choice) -> str:
+    return "tool_calls" if choice.parser.num_calls and choice.finish_reason == "stop" else choice.finish_reason
+
+
+def _chat_choice(choice: Choice) -> dict:
+    reply = choice.reply
+    message = {"role": "assistant", "content": reply.content, "reasoning_content": reply.reasoning_content}
+    if reply.tool_calls:
+        message["tool_calls"] = reply.tool_calls
+    return {"index": choice.index, "message": message, "logprobs": None, "finish_reason": _chat_finish(choice)}
+
+
+def _chat_deltas(choice: Choice, events) -> list[dict]:
+    deltas = []
+    for kind, value in events:
+        if kind == "tool_call":
+            deltas.append({"tool_calls": [{"index": choice.calls_sent, **value}]})
+            choice.calls_sent += 1
+        else:
+            deltas.append({"reasoning_content" if kind == "reasoning" else "content": value})
+    return deltas
