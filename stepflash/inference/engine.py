@@ -1,0 +1,256 @@
+"""The inference engine: batched prefill and decode over a preallocated KV cache, continuous batching,
+per-request sampling and MTP self-speculative decoding.
+
+    engine = Engine(model, max_batch_size=8)
+    results = engine.generate([[1, 2, 3], [4, 5]], max_new_tokens=32, temperature=0.7, seed=0)
+    for tok in engine.stream([1, 2, 3], 32): ...
+    rid = engine.add_request(ids, SamplingParams(...)); outs = engine.step(); engine.abort(rid)
+
+Each `step` first prefills newly admitted requests (their first token comes out of that forward), then
+runs one decode forward over every request that was already running. A decode forward feeds each row
+its newest token followed by its drafts (none for plain decoding), so plain and speculative requests
+share one trunk forward; rows are padded to the longest (see `kv_cache.py`). After every trunk forward
+the speculative rows draft their next tokens with the MTP chain (`speculative.py`).
+
+Generated tokens include the stop token that ended a request (finish_reason "stop"); logprobs are
+those of the distribution each token was drawn from (after temperature/top-k/top-p; for greedy, the
+log-softmax of the raw logits).
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import torch
+
+from stepflash.errors import UserError
+from stepflash.inference.kv_cache import TRUNK, KVCache
+from stepflash.inference.sampling import row_params, target_probs, token_logprobs, uniforms
+from stepflash.inference.runner import LeanRunner
+from stepflash.inference.scheduler import Request, SamplingParams, Scheduler
+from stepflash.inference.speculative import DraftRow, MTPDrafter, verify
+
+__all__ = ["Engine", "GenerationResult", "SamplingParams", "StepOutput"]
+
+
+@dataclass
+class StepOutput:
+    request_id: int
+    new_token_ids: list[int]
+    new_logprobs: list[float]
+    finished: bool
+    finish_reason: str | None
+
+
+@dataclass
+class GenerationResult:
+    token_ids: list[int]
+    logprobs: list[float]
+    finish_reason: str
+    stats: dict = field(default_factory=dict)
+
+
+class Engine:
+    def __init__(self, model, max_batch_size: int = 8, device=None, *, cache_slack: int = 8, lean: bool | None = None):
+        """lean: run forwards with `LeanRunner` (default on CPU) instead of the model's modules. The engine
+        keeps references to the model's parameters: in-place updates (optimizer steps, load_state_dict)
+        are seen by the next step; replacing Parameter objects needs a new Engine."""
+        if device is not None:
+            model = model.to(device)
+        self.model = model.eval()
+        self.config = cfg = model.config
+        param = next(model.parameters())
+        self.device, self.dtype = param.device, param.dtype
+        self.max_batch_size = max_batch_size
+        self.context = cfg.max_position_embeddings
+        self.eos = frozenset(cfg.eos_token_ids)
+        runner = LeanRunner(model) if (self.device.type == "cpu" if lean is None else lean) else None
+        self._trunk = runner.trunk if runner else model.trunk
+        with torch.inference_mode():
+            self.cache = KVCache(cfg, max_batch_size, device=self.device, dtype=self.dtype, slack=cache_slack)
+            self.drafter = MTPDrafter(model, self.cache, max_batch_size, self.device, self.dtype, runner)
+        self.scheduler = Scheduler(max_batch_size)
+        self._ids = itertools.count()
+
+    # ---- public API -------------------------------------------------------------------------
+    def add_request(self, prompt_ids: list[int], params: SamplingParams | None = None) -> int:
+        params = params or SamplingParams()
+        self._check(prompt_ids, params)
+        req = Request(next(self._ids), list(map(int, prompt_ids)), params,
+                      stop=self.eos | frozenset(int(t) for t in params.stop_token_ids), generator=None)
+        self.scheduler.add(req)
+        return req.id
+
+    def abort(self, request_id: int) -> bool:
+        """Drop a request (waiting or running) and free its slot; False if it is unknown or finished."""
+        req = self.scheduler.requests.get(request_id)
+        if req is None:
+            return False
+        if req.slot is None:
+            self.scheduler.remove_waiting(req)
+        else:
+            self.scheduler.release(req)
+        req.finish_reason = req.finish_reason or "abort"
+        return True
+
+    def has_unfinished(self) -> bool:
+        return bool(self.scheduler.waiting or self.scheduler.running)
+
+    def step(self) -> list[StepOutput]:
+        """Prefill newly admitted requests, then one decode forward over the ones already running."""
+        with torch.inference_mode():
+            decoding = sorted(self.scheduler.running.values(), key=lambda r: r.slot)
+            admitted = self.scheduler.admit()
+            outputs = []
+            for run in _contiguous(admitted):
+                outputs += self._forward(run, prefill=True)
+            if decoding:
+                outputs += self._forward(decoding, prefill=False)
+            return outputs
+
+    def generate(self, prompts: list[list[int]], max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
+                 top_k: int = 0, seed: int | None = None, stop_token_ids=(), speculative_tokens: int = 0
+                 ) -> list[GenerationResult]:
+        """Generate for every prompt (batched, continuous). Prompt i samples with seed + i when seed is set."""
+        if not isinstance(prompts, (list, tuple)) or not prompts:
+            raise UserError("prompts must be a non-empty list of token-id lists")
+        reqs = []
+        for i, prompt in enumerate(prompts):
+            params = SamplingParams(max_new_tokens, temperature, top_p, top_k, None if seed is None else seed + i,
+                                    tuple(stop_token_ids), speculative_tokens)
+            reqs.append(self.scheduler.requests[self.add_request(prompt, params)])
+        t0 = time.perf_counter()
+        while any(not r.finished for r in reqs):
+            self.step()
+        wall = time.perf_counter() - t0
+        total = sum(len(r.output) for r in reqs)
+        results = []
+        for r in reqs:
+            stats = r.stats()
+            stats["batch_tokens_per_s"] = total / wall if wall > 0 else 0.0
+            results.append(GenerationResult(list(r.output), list(r.logprobs), r.finish_reason, stats))
+        return results
+
+    def stream(self, prompt_ids: list[int], max_new_tokens: int, **sampling) -> Iterator[int]:
+        """Yield generated token ids of one request as they are decided."""
+        rid = self.add_request(prompt_ids, SamplingParams(max_new_tokens=max_new_tokens, **sampling))
+        req = self.scheduler.requests[rid]
+        try:
+            sent = 0
+            while not req.finished:
+                self.step()
+                yield from req.output[sent:]
+                sent = len(req.output)
+        finally:
+            if not req.finished:
+                self.abort(rid)
+
+    # ---- internals --------------------------------------------------------------------------
+    def _check(self, prompt_ids, params: SamplingParams) -> None:
+        params.check(self.config.num_nextn_predict_layers)
+        if not prompt_ids:
+            raise UserError("the prompt is empty; give at least one token")
+        vocab = self.config.vocab_size
+        if any(not 0 <= int(t) < vocab for t in prompt_ids):
+            raise UserError(f"prompt token ids must be in 0..{vocab - 1}")
+        if len(prompt_ids) >= self.context:
+            raise UserError(f"the prompt has {len(prompt_ids)} tokens, more than the model's context of "
+                            f"{self.context} leaves room for")
+        if len(prompt_ids) + params.max_new_tokens > self.context:
+            raise UserError(f"prompt ({len(prompt_ids)} tokens) + max_new_tokens ({params.max_new_tokens}) "
+                            f"exceeds the model's context of {self.context} tokens")
+
+    def _forward(self, reqs: list[Request], prefill: bool) -> list[StepOutput]:
+        """One trunk forward over the slot range of `reqs`, then acceptance, emission and drafting."""
+        lo, hi = reqs[0].slot, reqs[-1].slot + 1
+        t0 = time.perf_counter()
+        feed = {r.slot - lo: (r.prompt if prefill else [r.tokens[-1]] + r.drafts) for r in reqs}
+        T = max(len(f) for f in feed.values())
+        ids = torch.zeros(hi - lo, T, dtype=torch.long)  # rows right-padded; idle rows all padding
+        for i, f in feed.items():
+            ids[i, : len(f)] = torch.tensor(f, dtype=torch.long)
+        if prefill:
+            for r in reqs:
+                self.cache.reset(r.slot)
+        starts = self.cache.lengths[TRUNK][lo:hi]
+        pos = self.cache.begin(TRUNK, lo, hi, T, [len(feed.get(i, ())) for i in range(hi - lo)])
+        h = self._trunk(ids.to(self.device), pos, self.cache)  # [b, T, hidden]
+        rows = torch.tensor([r.slot - lo for r in reqs], device=self.device)
+        if prefill:  # only the last prompt token predicts something new
+            last = torch.tensor([len(r.prompt) - 1 for r in reqs], device=self.device)
+            logits = self.model.head(h[rows, last])[:, None]  # [n, 1, V]
+        else:  # the newest token and every draft
+            logits = self.model.head(h[rows])  # [n, T, V]
+        accepted, emitted, logprobs = self._decide(reqs, logits, [] if prefill else [len(r.drafts) for r in reqs])
+        now = time.perf_counter()
+        outputs, draft_rows = [], []
+        for r, a, toks, lps in zip(reqs, accepted, emitted, logprobs):
+            start = starts[r.slot - lo]
+            # Keep the newest token and the accepted drafts in the trunk cache, drop the rejected ones.
+            self.cache.truncate(TRUNK, r.slot, start + (len(r.prompt) if prefill else 1 + a))
+            if prefill:
+                r.prefill_rate, r.t_first = sum(len(f) for f in feed.values()) / (now - t0), now
+            elif r.drafts:
+                r.verify_steps += 1
+                r.accepted += a
+                for j in range(len(r.drafts)):
+                    r.pos_tried[j] += 1
+                    r.pos_accepted[j] += j < a
+            outputs.append(self._emit(r, toks[: a + 1], lps[: a + 1], now))
+            want = 0 if r.finished else min(r.params.speculative_tokens, r.remaining - 1)
+            if want > 0:
+                draft_rows.append(DraftRow(r.slot - lo, r.slot, want, start, self.cache.lengths[TRUNK][r.slot],
+                                           r.tokens, r.params, r.generator, r.drafts))
+        if draft_rows:
+            self.drafter.draft(lo, hi, draft_rows, h)
+        return outputs
+
+    def _decide(self, reqs: list[Request], logits: torch.Tensor, k: list[int]):
+        """logits [n, K+1, V] at the verified positions, k[i] drafts of row i (none at prefill) ->
+        per row: accepted draft count, the K+1 candidate tokens (accepted drafts, then the final token
+        at index a) and their logprobs, as Python lists."""
+        n, Tv, V = logits.shape
+        K, dev = Tv - 1, self.device
+        k = k or [0] * n
+        temp, top_k, top_p = (t.repeat_interleave(Tv) for t in row_params([r.params for r in reqs], dev))
+        p = target_probs(logits.reshape(n * Tv, V), temp, top_k, top_p).reshape(n, Tv, V)
+        drafts = torch.zeros(n, K, dtype=torch.long)
+        for i, r in enumerate(reqs):
+            if k[i]:
+                drafts[i, : k[i]] = torch.tensor(r.drafts)
+        drafts = drafts.to(dev)
+        u = uniforms([r.generator for r in reqs], [ki + 1 for ki in k], K + 1, dev)  # k accept tests + 1 draw
+        k_t = torch.tensor(k, device=dev)
+        slots = torch.tensor([r.slot for r in reqs], device=dev)
+        a, final = verify(p, drafts, self.drafter.q[slots, :K], k_t, u[:, :K], u.gather(1, k_t[:, None]).squeeze(1))
+        emitted = torch.cat([drafts, torch.zeros(n, 1, dtype=torch.long, device=dev)], 1)  # [n, K+1]
+        emitted[torch.arange(n, device=dev), a] = final
+        lp = token_logprobs(logits.reshape(n * Tv, V), p.reshape(n * Tv, V), emitted.reshape(-1), temp <= 0)
+        return a.tolist(), emitted.tolist(), lp.reshape(n, Tv).tolist()
+
+    def _emit(self, r: Request, tokens: list[int], logprobs: list[float], now: float) -> StepOutput:
+        """Append tokens to the request until it stops; a finished request leaves its slot."""
+        new = []
+        for tok, logprob in zip(tokens, logprobs):
+            new.append(tok)
+            if r.emit(tok, logprob):
+                break
+        r.drafts = []
+        if r.finished:
+            r.t_done = now
+            self.scheduler.release(r)
+        return StepOutput(r.id, new, logprobs[: len(new)], r.finished, r.finish_reason)
+
+
+def _contiguous(reqs: list[Request]) -> list[list[Request]]:
+    """Split requests into runs of consecutive slots (each run is one prefill forward)."""
+    runs: list[list[Request]] = []
+    for r in sorted(reqs, key=lambda r: r.slot):
+        if runs and runs[-1][-1].slot + 1 == r.slot:
+            runs[-1].append(r)
+        else:
+            runs.append([r])
+    return runs
