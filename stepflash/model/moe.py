@@ -83,8 +83,10 @@ class MoE(nn.Module):
         self.gate_proj = StackedWeight(e, i, h)
         self.up_proj = StackedWeight(e, i, h)
         self.down_proj = StackedWeight(e, h, i)
-        # Set by the trainer: keep the last forward's routing for balance losses and monitors.
+        # Set by the trainer: keep the last forward's routing for balance losses and monitors;
+        # record_expert_stats adds per-expert output norms and activation RMS (stability monitors).
         self.record_routing = False
+        self.record_expert_stats = False
         self.last_routing: dict | None = None
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -109,11 +111,22 @@ class MoE(nn.Module):
         hidden = swiglu(grouped_linear(rows, self.gate_proj.weight, counts, offsets),
                         grouped_linear(rows, self.up_proj.weight, counts, offsets), self.limit)
         out_rows = grouped_linear(hidden, self.down_proj.weight, counts, offsets)  # [N*k, H]
-        out_rows = out_rows * topk_w.reshape(-1)[order, None].to(out_rows.dtype)
-        out = torch.zeros_like(x).index_add_(0, token_of_row, out_rows)
         if self.record_routing:
             self.last_routing = {"probs": probs, "topk_idx": topk_idx, "counts": counts}
+            if self.record_expert_stats:
+                self.last_routing.update(expert_stats(hidden, out_rows, flat_idx[order], self.num_experts))
+        out_rows = out_rows * topk_w.reshape(-1)[order, None].to(out_rows.dtype)
+        out = torch.zeros_like(x).index_add_(0, token_of_row, out_rows)
         return out.reshape(shape)
+
+
+@torch.no_grad()
+def expert_stats(hidden: torch.Tensor, out_rows: torch.Tensor, expert_of_row: torch.Tensor, num_experts: int) -> dict:
+    """Per-expert sums over its rows (divide by counts for means): L2 norm of the expert's output before
+    the gating weight, and mean square of its SwiGLU activation. hidden [R, inter], out_rows [R, H]."""
+    zeros = torch.zeros(num_experts, dtype=torch.float32, device=hidden.device)
+    return {"out_norm_sum": zeros.index_add(0, expert_of_row, out_rows.float().norm(dim=-1)),
+            "act_sq_sum": zeros.index_add(0, expert_of_row, hidden.float().pow(2).mean(-1))}
 
 
 def moe_reference(moe: MoE, x: torch.Tensor) -> torch.Tensor:
