@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
+from stepflash.chat import DEFAULT_CHAT_TEMPLATE
 from stepflash.errors import UserError
 
 SPECIAL_TOKENS = ["<|bos|>", "<|eos|>", "<|pad|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>",
@@ -33,11 +34,10 @@ TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
 # Byte-level BPE needs all 256 byte symbols for a lossless round trip.
 LOSSLESS_MIN_VOCAB = 256 + len(SPECIAL_TOKENS)
 
-# ChatML with thinking always on (SPEC section 8); written for transformers' apply_chat_template.
-CHAT_TEMPLATE = (
-    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n<think>\n{% endif %}"
-)
+# The project's one chat template (SPEC section 8: thinking always on, tools in the system turn, XML tool
+# calls, tool_response turns). Written into tokenizer_config.json so servers and transformers' apply_chat_template
+# render exactly what `stepflash serve` renders.
+CHAT_TEMPLATE = DEFAULT_CHAT_TEMPLATE
 
 
 def _texts(files_or_iterator: Iterable[str] | str) -> Iterator[str]:
