@@ -275,3 +275,30 @@ def test_cli_train_and_errors(data_dir, tmp_path, capsys):
     assert main(argv[:-1] + ["--no-progress", "--resume", "--steps", "3"]) == 0
     assert main(["train", "--preset", "flash", "--data", data_dir, "--out", str(tmp_path / "f")]) == 2
     assert "sharded" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_demo_runs_end_to_end_on_the_tiny_preset(tmp_path, monkeypatch, capsys):
+    import stepflash.training.data as data_mod
+    from stepflash.demo import DemoArgs, demo
+
+    few = sorted(data_mod.builtin_corpus_files(), key=os.path.getsize)[:300]
+    monkeypatch.setattr(data_mod, "builtin_corpus_files", lambda: few)
+    monkeypatch.setenv("STEPFLASH_CACHE", str(tmp_path / "cache"))
+    out = demo(DemoArgs(minutes=1.3, out=str(tmp_path / "run"), preset="tiny", batch_size=4, seq_len=32,
+                        max_new_tokens=8))
+    assert out["after"]["val_loss"] < out["before"]["val_loss"]
+    printed = capsys.readouterr().out
+    assert "speculative == plain decoding: True" in printed and "accepted drafts per step" in printed
+
+
+def test_init_from_loads_the_checkpoint_weights(data_dir, tmp_path):
+    from stepflash.training.loop import build_model
+
+    h = train(_args(data_dir, tmp_path / "a", steps=2))
+    model = build_model(_args(data_dir, tmp_path / "b", init_from=h["checkpoint"]), torch.device("cpu"))
+    ref = stepflash.load_model(h["checkpoint"]).state_dict()
+    for k, v in model.state_dict().items():
+        torch.testing.assert_close(v, ref[k], rtol=0, atol=0, msg=k)
+    with pytest.raises(UserError, match="does not fit"):
+        build_model(_args(data_dir, tmp_path / "c", preset="small", init_from=h["checkpoint"]), torch.device("cpu"))

@@ -91,7 +91,8 @@ class MoE(nn.Module):
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x [N, hidden] -> probs [N, E] fp32, top-k weights [N, k] fp32, top-k expert ids [N, k]."""
-        probs = torch.sigmoid(F.linear(x.float(), self.gate.weight.float()))  # [N, E]
+        with torch.autocast(x.device.type, enabled=False):  # fp32 routing even under bf16 autocast
+            probs = torch.sigmoid(F.linear(x.float(), self.gate.weight.float()))  # [N, E]
         scores = probs + self.router_bias if self.use_bias else probs
         topk_idx = torch.topk(scores, self.top_k, dim=-1).indices  # [N, k]
         topk_w = probs.gather(-1, topk_idx)

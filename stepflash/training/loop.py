@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 import torch
 from tqdm import tqdm
 
-from stepflash.checkpoint import load_model
+from stepflash.checkpoint import CheckpointError, load_model
 from stepflash.config import ConfigError, resolve_config
 from stepflash.errors import UserError
 from stepflash.model import Step35ForCausalLM
@@ -165,7 +165,10 @@ def build_model(args: TrainArgs, device: torch.device) -> Step35ForCausalLM:
     _check_fits(cfg, device)
     torch.manual_seed(args.seed)
     if args.init_from:  # weights (fp32 for training) from a checkpoint of the same shape
-        return load_model(args.init_from, dtype=torch.float32, device=device, config=cfg.replace(torch_dtype="float32"))
+        try:
+            return load_model(args.init_from, dtype=torch.float32, device=device, config=cfg.replace(torch_dtype="float32"))
+        except CheckpointError as e:
+            raise UserError(f"--init-from {args.init_from} does not fit --preset {args.preset}: {e}")
     with torch.device(device):
         return Step35ForCausalLM(cfg.replace(torch_dtype="float32"))
 
