@@ -58,7 +58,7 @@ def build_parser(verb: str, args_cls) -> argparse.ArgumentParser:
     hints = typing.get_type_hints(args_cls)
     for f in dataclasses.fields(args_cls):
         tp, nargs, is_bool = _flag_type(hints[f.name])
-        help_text = f.metadata.get("help", "")
+        help_text = f.metadata.get("help", "").replace("%", "%%")  # argparse formats help with %
         has_default = f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING
         default = f.default if f.default is not dataclasses.MISSING else (
             f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
