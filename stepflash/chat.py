@@ -210,6 +210,24 @@ class ChatTemplate:
             raise ChatFormatError(f"chat template failed: {e}") from None
 
 
+def resolve_chat_template(choice: str, checkpoint: str) -> "ChatTemplate":
+    """A `--chat-template` flag: "auto" (the checkpoint's template, else the built-in one), "builtin", or a
+    Jinja file. Bad choices raise UserError (one line)."""
+    from stepflash.errors import UserError
+
+    if choice not in ("auto", "builtin") and not os.path.isfile(choice):
+        raise UserError(f"--chat-template {choice!r} is not 'auto', 'builtin' or an existing file")
+    try:
+        if choice == "auto":
+            return ChatTemplate.from_checkpoint(checkpoint)
+        if choice == "builtin":
+            return ChatTemplate()
+        with open(choice, encoding="utf-8") as f:
+            return ChatTemplate(f.read())
+    except (ChatFormatError, ValueError) as e:  # includes a tokenizer_config.json that is not JSON
+        raise UserError(f"chat template: {e}") from None
+
+
 def render_chat(messages: list[dict], tools: list[dict] | None = None, add_generation_prompt: bool = True) -> str:
     """Render with the built-in Step 3.5 template."""
     return ChatTemplate().render(messages, tools, add_generation_prompt)

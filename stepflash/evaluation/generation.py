@@ -15,27 +15,12 @@ import time
 
 import torch
 
+from stepflash.chat import resolve_chat_template
 from stepflash.errors import UserError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 END_TOKENS = ("<|im_end|>", "<|eos|>")
 
-
-def load_chat_template(choice: str, checkpoint: str):
-    """"auto": the checkpoint's template (else the built-in one); "builtin"; or a Jinja file."""
-    from stepflash.chat import ChatFormatError, ChatTemplate
-
-    if choice not in ("auto", "builtin") and not os.path.isfile(choice):
-        raise UserError(f"--chat-template {choice!r} is not 'auto', 'builtin' or an existing file")
-    try:
-        if choice == "auto":
-            return ChatTemplate.from_checkpoint(checkpoint)
-        if choice == "builtin":
-            return ChatTemplate()
-        with open(choice, encoding="utf-8") as f:
-            return ChatTemplate(f.read())
-    except (ChatFormatError, ValueError) as e:
-        raise UserError(f"chat template: {e}") from None
 
 
 class CheckpointPolicy:
@@ -55,7 +40,7 @@ class CheckpointPolicy:
         if batch_size < 1:
             raise UserError(f"--batch-size must be >= 1, got {batch_size}")
         self.tokenizer = load_tokenizer(checkpoint)
-        self.template = load_chat_template(chat_template, checkpoint)
+        self.template = resolve_chat_template(chat_template, checkpoint)
         model = load_model(checkpoint, dtype=DTYPES.get(dtype), device=device)
         self.engine = Engine(model, max_batch_size=batch_size)
         self.context = model.config.max_position_embeddings

@@ -25,7 +25,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.exceptions import HTTPException
 
-from stepflash.chat import ChatFormatError, ChatTemplate
+from stepflash.chat import ChatTemplate, resolve_chat_template
 from stepflash.errors import UserError
 from stepflash.server.completions import APIError, Service
 from stepflash.server.metrics import Metrics
@@ -191,7 +191,7 @@ def run(args: ServeArgs) -> int:
         log.warning("--mtp %d: the checkpoint has %d MTP modules; drafting %d tokens", args.mtp, mtp, mtp)
     engine = Engine(model, max_batch_size=args.max_batch, device=device)
     app = create_app(engine, tokenizer, args.model_name or _dir_name(args.checkpoint),
-                     chat_template=_chat_template(args.chat_template, args.checkpoint),
+                     chat_template=resolve_chat_template(args.chat_template, args.checkpoint),
                      api_key=args.api_key or os.environ.get("STEPFLASH_API_KEY") or None,
                      max_batch=args.max_batch, max_queue=args.max_queue, speculative_tokens=mtp)
     logging.basicConfig(level=logging.INFO)
@@ -200,19 +200,6 @@ def run(args: ServeArgs) -> int:
     uvicorn.run(app, host=args.host, port=args.port, log_level="info")
     return 0
 
-
-def _chat_template(choice: str, checkpoint: str) -> ChatTemplate:
-    if choice not in ("auto", "builtin") and not os.path.isfile(choice):
-        raise UserError(f"--chat-template {choice!r} is not 'auto', 'builtin' or an existing file")
-    try:
-        if choice == "auto":
-            return ChatTemplate.from_checkpoint(checkpoint)
-        if choice == "builtin":
-            return ChatTemplate()
-        with open(choice) as f:
-            return ChatTemplate(f.read())
-    except (ChatFormatError, ValueError) as e:  # includes a tokenizer_config.json that is not JSON
-        raise UserError(f"chat template: {e}") from None
 
 
 def _dir_name(path: str) -> str:
