@@ -27,7 +27,7 @@ from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Shard
 
-from stepflash.model.moe import MoE, StackedWeight, grouped_linear, swiglu
+from stepflash.model.moe import MoE, StackedWeight, grouped_linear, sort_by_expert, swiglu
 
 
 class _AllToAll(torch.autograd.Function):
@@ -131,10 +131,8 @@ class ExpertParallelMoE(MoE):
         shape = x.shape
         x = x.reshape(-1, shape[-1])  # [N, H]
         probs, topk_w, topk_idx = self.route(x)
-        flat_idx = topk_idx.reshape(-1)  # [N*k]
-        order = torch.argsort(flat_idx, stable=True)
-        token_of_row = order // self.top_k  # [N*k] source token of each sorted row
-        counts = torch.bincount(flat_idx, minlength=self.num_experts)  # [E] rows this rank sends per expert
+        # counts: rows this rank sends per expert
+        flat_idx, order, token_of_row, counts = sort_by_expert(topk_idx, self.num_experts)
         rows = x[token_of_row]  # [N*k, H], grouped by expert, hence by destination rank
 
         group, ep, per = self.ep_mesh.get_group(), self.ep_size, self.local_experts

@@ -69,6 +69,16 @@ def grouped_linear(x: torch.Tensor, weight: torch.Tensor, counts: torch.Tensor, 
     return torch.cat(outs) if outs else x.new_zeros(0, weight.shape[1])
 
 
+def sort_by_expert(topk_idx: torch.Tensor, num_experts: int):
+    """topk_idx [N, k] -> flat expert ids [N*k], the stable order sorting them by expert, the source token
+    of each sorted row [N*k], and rows per expert [E]."""
+    flat_idx = topk_idx.reshape(-1)
+    order = torch.argsort(flat_idx, stable=True)
+    token_of_row = order // topk_idx.shape[-1]
+    counts = torch.bincount(flat_idx, minlength=num_experts)
+    return flat_idx, order, token_of_row, counts
+
+
 class MoE(nn.Module):
     def __init__(self, cfg: Step35Config, layer_idx: int):
         super().__init__()
@@ -103,10 +113,7 @@ class MoE(nn.Module):
         shape = x.shape
         x = x.reshape(-1, shape[-1])  # [N, H]
         probs, topk_w, topk_idx = self.route(x)
-        flat_idx = topk_idx.reshape(-1)  # [N*k]
-        order = torch.argsort(flat_idx, stable=True)
-        token_of_row = order // self.top_k  # [N*k] source token of each sorted row
-        counts = torch.bincount(flat_idx, minlength=self.num_experts)  # [E]
+        flat_idx, order, token_of_row, counts = sort_by_expert(topk_idx, self.num_experts)
         offsets = torch.cumsum(counts, 0).to(torch.int32)
         rows = x[token_of_row]  # [N*k, H], grouped by expert
         hidden = swiglu(grouped_linear(rows, self.gate_proj.weight, counts, offsets),
