@@ -17,13 +17,7 @@ from stepflash.training.objective import compute_loss, mtp_targets
 from stepflash.training.optimizer import Muon, lr_factor, orthogonalize
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # Tiny models gain nothing from intra-op threads, and on a shared 2-core machine they oversubscribe.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
