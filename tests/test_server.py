@@ -91,6 +91,7 @@ class ScriptedEngine:
         self.step_delay, self.chunk_cycle = step_delay, chunk_cycle
         self.live, self.aborted, self.prompts, self.params = {}, [], {}, {}
         self.max_running, self.steps, self._next = 0, 0, 0
+        self.frozen = threading.Event()  # while set, step() emits nothing: requests stay where they are
 
     def add_request(self, prompt_ids, params):
         prompt = TOK.decode(prompt_ids, skip_special_tokens=False)
@@ -103,6 +104,8 @@ class ScriptedEngine:
 
     def step(self):
         time.sleep(self.step_delay)
+        if self.frozen.is_set():
+            return []
         self.steps += 1
         self.max_running = max(self.max_running, len(self.live))
         outs = []
@@ -400,6 +403,7 @@ def test_invalid_json_auth_model_and_route_errors(live, client):
 
 def test_queue_full_is_429_and_metrics():
     engine = ScriptedEngine(step_delay=0.01, chunk_cycle=(3,))
+    engine.frozen.set()  # the first request must still be running when /metrics is read, however slow the machine
     server = serve(engine, max_batch=1, max_queue=1)
     try:
         body = {"model": "tiny-test", "prompt": "forever", "max_tokens": 200, "stream": True}
@@ -411,6 +415,7 @@ def test_queue_full_is_429_and_metrics():
                     assert r.status_code == 429 and r.json()["error"]["code"] == "queue_full"
                     text = http.get("/metrics").text
                     assert "stepflash_queue_depth 1" in text and "stepflash_running_requests 1" in text
+                    engine.frozen.clear()
         _wait(lambda: not engine.live)
         # Accepted draft tokens: chunks of 3 tokens per step -> 2 accepted, except a shorter last chunk.
         httpx.post(server.url + "/v1/completions", json={"model": "tiny-test", "prompt": "Once upon", "max_tokens": 9})
