@@ -30,7 +30,7 @@ from stepflash.model import Step35ForCausalLM
 
 _DTYPES = {"": None, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16,
            "fp16": torch.float16, "float32": torch.float32, "fp32": torch.float32}
-_NOT_SIDE_FILES = {".metadata", "config.json", INDEX_NAME, TRAIN_STATE}
+_NOT_SIDE_FILES = {".metadata", "config.json", INDEX_NAME, TRAIN_STATE, "trainer_state.pt"}  # + `train`'s state
 
 
 @dataclass

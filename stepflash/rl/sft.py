@@ -172,12 +172,13 @@ def sft_loss(model, ids: torch.Tensor, target_mask: torch.Tensor) -> torch.Tenso
 
 # ---- model and run ------------------------------------------------------------------------------
 
-def demo_config(vocab_size: int):
-    """The RL demo model: 4 layers (F S S S), hidden 128, 8 experts top-2, 1 MTP module, fp32 (~1M params)."""
+def demo_config(vocab_size: int, mtp: int = 1):
+    """The RL demo model: 4 layers (F S S S), hidden 128, 8 experts top-2, `mtp` MTP modules (1 here, 3 in
+    `stepflash recipe`), fp32 (~1M params with one MTP module)."""
     from stepflash.config import make_config
 
     return make_config(4, 128, full_heads=4, sliding_heads=4, kv_heads=2, head_dim=32, window=64, vocab=vocab_size,
-                       inter=256, experts=8, top_k=2, moe_inter=64, dense_layers=1, mtp=1, max_pos=512,
+                       inter=256, experts=8, top_k=2, moe_inter=64, dense_layers=1, mtp=mtp, max_pos=512,
                        rope_original=128)
 
 
@@ -226,6 +227,17 @@ def save_checkpoint_dir(model, tok, out: str) -> None:
 
 
 def train_sft(args: SFTArgs) -> dict:
+    """Fine-tune and save. Under torchrun (WORLD_SIZE > 1) the model is FSDP-sharded over the processes, each
+    takes its slice of every step's batch (--batch-size stays the global batch), rank 0 prints and saves."""
+    from stepflash.distributed.launch import torchrun_session, under_torchrun
+
+    if under_torchrun():
+        with torchrun_session() as session:
+            return _train_sft(args, session)
+    return _train_sft(args)
+
+
+def _train_sft(args: SFTArgs, session=None) -> dict:
     from stepflash.chat import ChatTemplate
 
     if not args.out:
@@ -234,6 +246,8 @@ def train_sft(args: SFTArgs) -> dict:
         raise UserError("give exactly one of --data FILE.jsonl or --task arithmetic|countdown")
     if args.steps < 1 or args.batch_size < 1:
         raise UserError("--steps and --batch-size must be >= 1")
+    if session is not None and args.batch_size % session.world_size:
+        raise UserError(f"--batch-size {args.batch_size} must be a multiple of the {session.world_size} processes")
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     if args.task:
@@ -249,6 +263,8 @@ def train_sft(args: SFTArgs) -> dict:
     if not any(sum(m) for _, m in examples):
         raise UserError("no assistant tokens in the data: nothing to train on")
     os.makedirs(args.out, exist_ok=True)
+    if session is not None:
+        model = session.parallelize(model)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.0)
     rng = random.Random(args.seed)
     order: list[int] = []
@@ -261,22 +277,34 @@ def train_sft(args: SFTArgs) -> dict:
         if len(order) < args.batch_size:
             order += rng.sample(range(len(examples)), len(examples))
         batch, order = [examples[i] for i in order[: args.batch_size]], order[args.batch_size:]
-        ids, mask = sft_batch(batch, pad)
+        ids, mask = sft_batch(session.shard(batch) if session else batch, pad)
         loss = sft_loss(model, ids, mask)
+        if session is not None:  # this rank's share of the token mean over the whole batch
+            loss = loss * session.token_weight(mask.sum())
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        if session is not None:
+            session.clip_grad_norm(model, 1.0)
+        else:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
-        losses.append(loss.item())
-        if args.log_every and (step + 1) % args.log_every == 0:
+        losses.append(session.mean(loss.item()) if session else loss.item())
+        if args.log_every and (step + 1) % args.log_every == 0 and (session is None or session.is_main):
             print(f"sft step {step + 1}/{args.steps} loss {sum(losses[-args.log_every:]) / args.log_every:.4f} "
                   f"({time.time() - t0:.0f}s)", flush=True)
-    save_checkpoint_dir(model, tok, args.out)
-    return {"final_loss": sum(losses[-10:]) / len(losses[-10:]), "steps": args.steps, "seconds": time.time() - t0}
+    if session is not None:
+        model = session.gather(model)  # the whole model on rank 0, None elsewhere
+    if model is not None:
+        save_checkpoint_dir(model, tok, args.out)
+    if session is not None:
+        session.barrier()
+    return {"final_loss": sum(losses[-10:]) / len(losses[-10:]), "steps": args.steps, "seconds": time.time() - t0,
+            "losses": losses, "rank": session.rank if session else 0}
 
 
 def run(args: SFTArgs) -> int:
     summary = train_sft(args)
-    print(f"sft done: loss {summary['final_loss']:.4f} after {summary['steps']} steps "
-          f"({summary['seconds']:.0f}s); checkpoint in {args.out}")
+    if summary["rank"] == 0:
+        print(f"sft done: loss {summary['final_loss']:.4f} after {summary['steps']} steps "
+              f"({summary['seconds']:.0f}s); checkpoint in {args.out}")
     return 0

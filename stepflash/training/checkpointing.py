@@ -6,6 +6,13 @@ trainer_state.pt (optimizer, data position, RNG, spike-detector and monitor stat
 written into a hidden temporary directory which is then renamed to its final name; RUN_DIR/checkpoints/
 latest names the newest one and is itself replaced atomically. A crash mid-save therefore leaves the
 previous checkpoint, and `latest`, untouched.
+
+Under torchrun (`save_sharded_checkpoint`) the same directory holds a DCP checkpoint instead: every
+rank writes its shards of the model and optimizer (`stepflash.distributed.save_checkpoint`) into the
+temporary directory, rank 0 adds trainer_state.pt and the tokenizer and, after a barrier, publishes it
+the same way. `load_resume` reads either kind into a model parallelized any way (or not at all), so a
+run saved at N processes resumes at M. `stepflash convert` turns a DCP checkpoint into the release
+layout; `export=True` also writes that layout next to the shards (gathered on rank 0).
 """
 
 from __future__ import annotations
@@ -55,12 +62,19 @@ def save_checkpoint(run_dir: str, step: int, model, trainer_state: dict, tokeniz
     root = checkpoints_root(run_dir)
     os.makedirs(root, exist_ok=True)
     name = f"step_{step:08d}"
-    final, tmp = os.path.join(root, name), os.path.join(root, f".tmp-{name}")
+    tmp = os.path.join(root, f".tmp-{name}")
     shutil.rmtree(tmp, ignore_errors=True)
     save_model(model, tmp)
     if tokenizer_src is not None:
         save_tokenizer(tokenizer_src, tmp)
     torch.save(trainer_state, os.path.join(tmp, STATE_FILE))
+    return _publish(run_dir, name, keep)
+
+
+def _publish(run_dir: str, name: str, keep: int) -> str:
+    """Rename the complete .tmp-<name> to <name>, point `latest` at it and prune; returns its path."""
+    root = checkpoints_root(run_dir)
+    final, tmp = os.path.join(root, name), os.path.join(root, f".tmp-{name}")
     if os.path.exists(final):  # re-saving a step (after a resume): move the old one aside first
         old = os.path.join(root, f".old-{name}")
         shutil.rmtree(old, ignore_errors=True)
@@ -84,3 +98,85 @@ def load_checkpoint(path: str, model) -> dict:
     loaded = load_model(path, dtype=next(model.parameters()).dtype, device=device, config=model.config)
     model.load_state_dict(loaded.state_dict())
     return torch.load(os.path.join(path, STATE_FILE), map_location="cpu", weights_only=True)
+
+
+# ---- sharded checkpoints (under torchrun) and resuming either kind --------------------------------
+
+def is_sharded(path: str) -> bool:
+    """True for a DCP checkpoint (written by a torchrun run), False for the release layout."""
+    return os.path.isfile(os.path.join(path, ".metadata"))
+
+
+def read_trainer_state(path: str) -> dict:
+    return torch.load(os.path.join(path, STATE_FILE), map_location="cpu", weights_only=True)
+
+
+def save_sharded_checkpoint(run_dir: str, step: int, model, optimizer, trainer_state: dict,
+                            tokenizer_src: str | None = None, keep: int = 2, export: bool = False) -> str | None:
+    """Collective: every rank writes its DCP shards of model + optimizer into .tmp-step_N; rank 0 adds
+    trainer_state.pt and the tokenizer (and, with `export`, the release safetensors gathered from all
+    ranks), then publishes it like `save_checkpoint`. Returns the path on rank 0, None elsewhere."""
+    import torch.distributed as dist
+
+    from stepflash.distributed import gather_model
+    from stepflash.distributed import save_checkpoint as save_dcp
+    from stepflash.tokenizer import save_tokenizer
+
+    main = dist.get_rank() == 0
+    root = checkpoints_root(run_dir)
+    name = f"step_{step:08d}"
+    tmp = os.path.join(root, f".tmp-{name}")
+    if main:
+        os.makedirs(root, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+    dist.barrier()  # nobody writes shards into a directory rank 0 is still clearing
+    save_dcp(tmp, model, optimizer)  # ends with a barrier: every shard is on disk
+    plain = gather_model(model) if export else None  # collective; the whole model on rank 0 only
+    path = None
+    if main:
+        if plain is not None:
+            save_model(plain, tmp)
+        if tokenizer_src is not None:
+            save_tokenizer(tokenizer_src, tmp)
+        torch.save(trainer_state, os.path.join(tmp, STATE_FILE))
+        path = _publish(run_dir, name, keep)
+    dist.barrier()  # no rank goes on (or reads `latest`) before the checkpoint is published
+    return path
+
+
+def portable_optimizer_state(model, optimizer, state_dict: dict) -> dict:
+    """A single-process checkpoint's optimizer state (keyed by parameter index) as a full state keyed by
+    parameter name, which `load_portable_optimizer_state` can shard into any parallel layout. Call it on
+    the plain model, before it is parallelized, with a fresh optimizer of the same kind."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    optimizer.load_state_dict(state_dict)
+    return get_optimizer_state_dict(model, optimizer.optimizers, options=StateDictOptions())
+
+
+def load_portable_optimizer_state(model, optimizer, state: dict) -> None:
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    set_optimizer_state_dict(model, optimizer.optimizers, state,
+                             options=StateDictOptions(full_state_dict=True))
+
+
+def resume_point(run_dir: str, resume: bool) -> tuple[str | None, dict | None]:
+    """(checkpoint path, trainer state) a run resumes from, or (None, None) for a fresh run; refuses to
+    start a fresh run over existing checkpoints."""
+    from stepflash.errors import UserError
+
+    path = latest_checkpoint(run_dir)
+    if resume and path is None:
+        raise UserError(f"--resume: no checkpoint in {checkpoints_root(run_dir)}")
+    if not resume and path is not None:
+        raise UserError(f"{run_dir} already holds checkpoints: pass --resume to continue, or choose another --out")
+    return (path, read_trainer_state(path)) if resume else (None, None)
+
+
+def saved_optimizer(state: dict | None) -> str | None:
+    """The optimizer ('muon' or 'adamw') a checkpoint was trained with, if it says."""
+    if state is None:
+        return None
+    kind = state.get("optimizer_kind") or state.get("args", {}).get("optimizer")  # older checkpoints: the flag
+    return kind if kind in ("muon", "adamw") else None

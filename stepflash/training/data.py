@@ -23,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import sys
 import sysconfig
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -296,8 +297,10 @@ class TokenShards:
 class BatchSampler:
     """Shuffled windows, a fresh permutation each epoch; the state is (epoch, cursor), so resuming is exact.
 
-    Each step consumes batch_size * world_size windows; rank r takes its own contiguous slice of them,
-    so ranks never see the same window and a sharded run covers what a single process would."""
+    `batch_size` is per rank. Each step consumes batch_size * world_size windows; rank r takes its own
+    contiguous slice of them, so ranks never see the same window and a sharded run covers what a single
+    process would: the training loop passes its global batch / world size, so the windows of a step (and
+    the sampler state, which is the same on every rank) do not depend on the world size."""
 
     def __init__(self, shards: TokenShards, batch_size: int, seed: int = 0, rank: int = 0, world_size: int = 1):
         self.shards, self.batch_size, self.seed = shards, batch_size, seed
@@ -333,7 +336,44 @@ class BatchSampler:
 
 def validation_batches(shards: TokenShards, batch_size: int, max_batches: int, rank: int = 0,
                        world_size: int = 1) -> list[torch.Tensor]:
-    """The same windows every time: evenly spread over the split, this rank's share of them."""
+    """The same windows every time: evenly spread over the split, this rank's share of them.
+
+    With several ranks only whole global batches are used (windows repeat when the split is smaller than
+    one): every rank then runs the same number of forwards (FSDP's are collective), and the mean over
+    ranks equals the mean over the global batches."""
     n = min(shards.num_windows, batch_size * max_batches * world_size)
+    if world_size > 1:
+        n = max(1, n // (batch_size * world_size)) * batch_size * world_size
     idx = np.linspace(0, shards.num_windows - 1, n).round().astype(int)[rank::world_size]
     return [shards.get(idx[i: i + batch_size]) for i in range(0, len(idx), batch_size)]
+
+
+# ---- the training loop's data ---------------------------------------------------------------
+
+def cache_dir() -> str:
+    return os.environ.get("STEPFLASH_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "stepflash")
+
+
+def default_data_dir(vocab_size: int, progress: bool = True, par=None) -> str:
+    """The built-in corpus tokenized with a tokenizer of `vocab_size`, prepared once and cached. `par` (the
+    training loop's Parallel): only the main rank prepares, the others wait for it."""
+    is_main = par is None or par.is_main
+    name = f"python{sys.version_info.major}.{sys.version_info.minor}-stdlib-v{vocab_size}"
+    path = os.path.join(cache_dir(), "data", name)
+    if is_main and not os.path.isfile(os.path.join(path, "meta.json")):
+        print(f"preparing the built-in corpus (Python standard library) in {path} (once)", file=sys.stderr)
+        prepare(PrepareArgs(input=None, out=path, vocab_size=vocab_size, progress=progress))
+    if par is not None:
+        par.sync()
+    return path
+
+
+def open_training_data(args, vocab_size: int, par=None) -> tuple[TokenShards, TokenShards, str | None]:
+    """Train and validation windows of the data dir (the built-in corpus by default), and its tokenizer.json."""
+    data_dir = args.data or default_data_dir(vocab_size, args.progress, par)
+    train_data = TokenShards(data_dir, "train", args.seq_len + 1)
+    if train_data.meta["vocab_size"] > vocab_size:
+        raise UserError(f"the data's tokenizer has {train_data.meta['vocab_size']} tokens but the model's vocab is "
+                        f"{vocab_size}; prepare the data with --vocab-size {vocab_size} or less")
+    tokenizer = os.path.join(data_dir, "tokenizer.json")
+    return train_data, TokenShards(data_dir, "val", args.seq_len + 1), tokenizer if os.path.isfile(tokenizer) else None

@@ -12,7 +12,10 @@ resume equal those of an uninterrupted run.
 
 Distributed training wraps this loop from outside through `Parallel`: `parallelize(model)` (FSDP /
 expert parallel), rank-aware data sharding, `all_reduce` (in-place sum) for the global expert counts
-and logged losses, and rank-0-only writes. Nothing here creates process groups.
+and logged losses, clipping across meshes, DCP checkpoints and rank-0-only writes. Launched by torchrun
+(WORLD_SIZE > 1), `train` builds those hooks itself (`stepflash.distributed.launch`): process group,
+("dp", "ep") mesh from --expert-parallel, and the group is destroyed at the end. --batch-size is the
+global micro-batch, so the same flags train the same run at any world size (docs/scaling.md).
 """
 
 from __future__ import annotations
@@ -34,10 +37,11 @@ from stepflash.errors import UserError
 from stepflash.model import Step35ForCausalLM
 from stepflash.training import checkpointing as ckpt
 from stepflash.training.balance import ExpertLoad, apply_bias_updates
-from stepflash.training.data import BatchSampler, TokenShards, validation_batches
+from stepflash.training.data import BatchSampler, open_training_data, validation_batches
+from stepflash.training.data import default_data_dir  # noqa: F401  (re-exported: demo, benchmarks)
 from stepflash.training.monitors import ExpertStatsWindow, MetricsLog, SpikeDetector
 from stepflash.training.objective import compute_loss, evaluate
-from stepflash.training.optimizer import build_optimizer, lr_factor
+from stepflash.training.optimizer import build_optimizer, lr_factor, resolve_optimizer
 
 
 class TrainingDiverged(UserError):
@@ -55,10 +59,14 @@ class TrainArgs:
     steps: int = field(default=1000, metadata={"help": "optimizer steps (the schedule's length)"})
     resume: bool = field(default=False, metadata={"help": "continue from the run directory's latest checkpoint"})
     init_from: str | None = field(default=None, metadata={"help": "start from this checkpoint's weights"})
-    batch_size: int = field(default=8, metadata={"help": "sequences per micro-batch (per rank)"})
+    batch_size: int = field(default=8, metadata={
+        "help": "sequences per micro-batch over all processes (global); under torchrun each of N processes "
+                "takes batch_size / N, so a step is batch_size * grad_accum sequences at any world size"})
     seq_len: int = field(default=256, metadata={"help": "tokens per training sequence"})
     grad_accum: int = field(default=1, metadata={"help": "micro-batches per optimizer step"})
-    optimizer: str = field(default="muon", metadata={"help": "muon (Muon + AdamW) or adamw"})
+    optimizer: str = field(default="auto", metadata={
+        "help": "muon (Muon + AdamW), adamw, or auto: muon on one process, adamw under torchrun (Muon needs "
+                "whole matrices, FSDP shards them), the checkpoint's own when resuming"})
     lr: float = field(default=2e-3, metadata={"help": "peak learning rate"})
     min_lr_ratio: float = field(default=0.1, metadata={"help": "final lr as a fraction of the peak (cosine)"})
     warmup_steps: int = field(default=20, metadata={"help": "linear warmup steps"})
@@ -69,7 +77,14 @@ class TrainArgs:
                                            metadata={"help": "relative weight of each MTP module"})
     bias_update_rate: float = field(default=1e-3, metadata={"help": "loss-free router-bias step (0: off)"})
     ep_loss_coef: float = field(default=1e-3, metadata={"help": "EP-group balance loss coefficient (0: off)"})
-    ep_groups: int = field(default=4, metadata={"help": "expert-parallel groups G of the balance loss"})
+    ep_groups: int = field(default=0, metadata={
+        "help": "expert groups G of the EP-group balance loss (0: --expert-parallel when > 1, else 4)"})
+    expert_parallel: int = field(default=1, metadata={
+        "help": "under torchrun: split the routed experts over groups of this many processes (must divide the "
+                "process count and the experts); the rest of the model is FSDP-sharded over all processes"})
+    export: bool = field(default=True, metadata={
+        "help": "under torchrun: also write the release safetensors into the final checkpoint (gathers the whole "
+                "model on rank 0; --no-export for models that do not fit, then `stepflash convert`)"})
     eval_every: int = field(default=100, metadata={"help": "validate every N steps (0: only at the end)"})
     val_batches: int = field(default=8, metadata={"help": "validation batches per evaluation"})
     log_every: int = field(default=10, metadata={"help": "write metrics every N steps"})
@@ -82,6 +97,10 @@ class TrainArgs:
     device: str = field(default="auto", metadata={"help": "auto, cpu or cuda[:i]"})
     progress: bool = field(default=True, metadata={"help": "show a progress bar"})
 
+    def __post_init__(self):
+        if self.ep_groups == 0:  # the balance loss's groups are the expert-parallel ranks (SPEC section 6)
+            self.ep_groups = self.expert_parallel if self.expert_parallel > 1 else 4
+
 
 @dataclass
 class Parallel:
@@ -93,6 +112,9 @@ class Parallel:
     all_reduce: Callable | None = None  # in-place sum of a tensor across ranks
     barrier: Callable | None = None
     export: Callable | None = None  # model -> plain single-device model to save (e.g. gathers FSDP shards)
+    clip_grad_norm: Callable | None = None  # (model, max_norm) -> norm; default torch's
+    sharded_checkpoints: bool = False  # save DCP checkpoints from every rank (collective) instead of rank 0's
+    device: torch.device | None = None  # this rank's device; default from --device
 
     @property
     def is_main(self) -> bool:
@@ -103,30 +125,18 @@ class Parallel:
             self.barrier()
 
 
-def cache_dir() -> str:
-    return os.environ.get("STEPFLASH_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "stepflash")
-
-
-def default_data_dir(vocab_size: int, progress: bool = True, par: Parallel | None = None) -> str:
-    """The built-in corpus tokenized with a tokenizer of `vocab_size`, prepared once and cached."""
-    from stepflash.training.data import PrepareArgs, prepare
-
-    par = par or Parallel()
-    name = f"python{sys.version_info.major}.{sys.version_info.minor}-stdlib-v{vocab_size}"
-    path = os.path.join(cache_dir(), "data", name)
-    if par.is_main and not os.path.isfile(os.path.join(path, "meta.json")):
-        print(f"preparing the built-in corpus (Python standard library) in {path} (once)", file=sys.stderr)
-        prepare(PrepareArgs(input=None, out=path, vocab_size=vocab_size, progress=progress))
-    par.sync()
-    return path
-
-
-def _check_args(args: TrainArgs) -> None:
+def _check_args(args: TrainArgs, world_size: int = 1) -> None:
     for name in ("steps", "batch_size", "seq_len", "grad_accum", "ep_groups", "log_every", "save_every"):
         if getattr(args, name) <= 0:
             raise UserError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
-    if args.optimizer not in ("muon", "adamw"):
-        raise UserError(f"--optimizer must be muon or adamw, got {args.optimizer!r}")
+    if args.optimizer not in ("auto", "muon", "adamw"):
+        raise UserError(f"--optimizer must be auto, muon or adamw, got {args.optimizer!r}")
+    if args.batch_size % world_size:
+        raise UserError(f"--batch-size {args.batch_size} is the global micro-batch: it must be a multiple of the "
+                        f"{world_size} processes")
+    if args.expert_parallel > 1 and args.ep_groups != args.expert_parallel:
+        raise UserError(f"--ep-groups {args.ep_groups} must equal --expert-parallel {args.expert_parallel} (the balance "
+                        "loss groups are the expert-parallel ranks); leave it at 0")
     if args.lr <= 0 or args.mtp_weight < 0 or args.ep_loss_coef < 0 or args.bias_update_rate < 0:
         raise UserError("--lr must be positive and --mtp-weight, --ep-loss-coef, --bias-update-rate non-negative")
 
@@ -144,44 +154,38 @@ def _rng_state(device: torch.device) -> dict:
     return state
 
 
-def _check_fits(cfg, device: torch.device) -> None:
-    """Refuse a single-device run whose fp32 weights, grads and AdamW moments (16 B/param) cannot fit."""
+def _check_fits(cfg, device: torch.device, world_size: int = 1) -> bool:
+    """Refuse a run whose fp32 weights, grads and AdamW moments (16 B/param, sharded over the world) cannot
+    fit; return whether the whole model's training state fits one device (else it is built on meta)."""
     with torch.device("meta"):
         n = Step35ForCausalLM(cfg).num_parameters()
     if device.type == "cuda":
         have = torch.cuda.get_device_properties(device).total_memory
     else:
         have = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    if 16 * n > have:
+    if 16 * n / world_size > have:
         raise UserError(f"this config has {n / 1e9:.1f}B parameters: training state needs ~{16 * n / 2**30:,.0f} GiB, "
-                        f"this {device.type} device has {have / 2**30:,.0f} GiB; train it sharded (stepflash.distributed)")
+                        f"{world_size} x {have / 2**30:,.0f} GiB of {device.type} memory is not enough; train it "
+                        "sharded over more devices (torchrun, docs/scaling.md)")
+    return 16 * n <= have
 
 
-def build_model(args: TrainArgs, device: torch.device) -> Step35ForCausalLM:
+def build_model(args: TrainArgs, device: torch.device, world_size: int = 1) -> Step35ForCausalLM:
+    """The model to train, fp32 and seeded. Under torchrun a model too big for one device is built on the
+    meta device: `parallelize` then materialises each rank's shards (stepflash.distributed.launch)."""
     try:
         cfg = resolve_config(args.preset)
     except ConfigError as e:
         raise UserError(str(e))
-    _check_fits(cfg, device)
+    whole = _check_fits(cfg, device, world_size)
     torch.manual_seed(args.seed)
     if args.init_from:  # weights (fp32 for training) from a checkpoint of the same shape
         try:
             return load_model(args.init_from, dtype=torch.float32, device=device, config=cfg.replace(torch_dtype="float32"))
         except CheckpointError as e:
             raise UserError(f"--init-from {args.init_from} does not fit --preset {args.preset}: {e}")
-    with torch.device(device):
+    with torch.device(device if whole else "meta"):
         return Step35ForCausalLM(cfg.replace(torch_dtype="float32"))
-
-
-def _open_data(args: TrainArgs, vocab_size: int, par: Parallel) -> tuple[TokenShards, TokenShards, str | None]:
-    """Train and validation windows of the data dir (the built-in corpus by default), and its tokenizer.json."""
-    data_dir = args.data or default_data_dir(vocab_size, args.progress, par)
-    train_data = TokenShards(data_dir, "train", args.seq_len + 1)
-    if train_data.meta["vocab_size"] > vocab_size:
-        raise UserError(f"the data's tokenizer has {train_data.meta['vocab_size']} tokens but the model's vocab is "
-                        f"{vocab_size}; prepare the data with --vocab-size {vocab_size} or less")
-    tokenizer = os.path.join(data_dir, "tokenizer.json")
-    return train_data, TokenShards(data_dir, "val", args.seq_len + 1), tokenizer if os.path.isfile(tokenizer) else None
 
 
 @dataclass
@@ -228,31 +232,61 @@ def _validate(model, val_set, device, autocast_dtype, par: Parallel) -> dict[str
     return val
 
 
-def _check_finite_weights(model, step: int) -> None:
-    bad = next((name for name, p in model.named_parameters() if not torch.isfinite(p).all()), None)
+def _check_finite_weights(model, step: int, par: Parallel) -> None:
+    # Sharded parameters: each rank checks its own shard, then all agree.
+    bad = next((name for name, p in model.named_parameters()
+                if not torch.isfinite(p.to_local() if hasattr(p, "to_local") else p).all()), None)
+    if par.all_reduce is not None:
+        flag = torch.tensor([float(bad is not None)], device=next(model.parameters()).device)
+        par.all_reduce(flag)
+        bad = bad or ("a parameter on another rank" if flag.item() > 0 else None)
     if bad is not None:
         raise TrainingDiverged(f"weights of {bad} became non-finite at step {step}; not saved")
 
 
 def train(args: TrainArgs, par: Parallel | None = None, on_step: Callable | None = None) -> dict:
     """Run (or resume) training. `on_step(step, model, record)` is called after every step (tests, tools).
-    Returns {"losses": [(step, loss)], "val": [{"step", "val_loss", ...}], "skipped": [...], "checkpoint", "step"}."""
-    par = par or Parallel()
-    _check_args(args)
-    device = _device(args.device)
-    model = build_model(args, device)
+    Returns {"losses": [(step, loss)], "val": [{"step", "val_loss", ...}], "skipped": [...], "checkpoint", "step",
+    "rank"}. Without `par`, a process started by torchrun (WORLD_SIZE > 1) trains sharded with its peers."""
+    from stepflash.distributed.launch import check_expert_parallel, torchrun_session, under_torchrun
+
+    if par is None and under_torchrun():
+        with torchrun_session(args.expert_parallel, backend="gloo" if args.device == "cpu" else None) as s:
+            par = Parallel(rank=s.rank, world_size=s.world_size, parallelize=s.parallelize, all_reduce=s.all_reduce,
+                           barrier=s.barrier, clip_grad_norm=s.clip_grad_norm, sharded_checkpoints=True,
+                           device=s.device)
+            return _train(args, par, on_step)
+    if par is None:
+        check_expert_parallel(args.expert_parallel, 1)
+    return _train(args, par or Parallel(), on_step)
+
+
+def _train(args: TrainArgs, par: Parallel, on_step: Callable | None) -> dict:
+    from stepflash.distributed.launch import check_expert_parallel
+
+    _check_args(args, par.world_size)
+    device = par.device or _device(args.device)
+    model = build_model(args, device, par.world_size)
     cfg = model.config
     if cfg.moe_layers and cfg.moe_num_experts % args.ep_groups:
         raise UserError(f"--ep-groups {args.ep_groups} must divide the {cfg.moe_num_experts} experts")
-    train_data, val_data, tokenizer_src = _open_data(args, cfg.vocab_size, par)
-    state = None
-    if args.resume:
-        path = ckpt.latest_checkpoint(args.out)
-        if path is None:
-            raise UserError(f"--resume: no checkpoint in {ckpt.checkpoints_root(args.out)}")
-        state = ckpt.load_checkpoint(path, model)  # weights go in before any wrapping
-    elif ckpt.latest_checkpoint(args.out) is not None:
-        raise UserError(f"{args.out} already holds checkpoints: pass --resume to continue, or choose another --out")
+    if args.expert_parallel > 1:
+        check_expert_parallel(args.expert_parallel, par.world_size, cfg.moe_num_experts if cfg.moe_layers else 0)
+    train_data, val_data, tokenizer_src = open_training_data(args, cfg.vocab_size, par)
+    path, state = ckpt.resume_point(args.out, args.resume)
+    kind = resolve_optimizer(args.optimizer, par.world_size, ckpt.saved_optimizer(state))
+    if par.is_main and par.world_size > 1 and args.optimizer == "auto" and state is None:
+        print("note: training sharded with AdamW (--optimizer auto; Muon needs whole matrices)", file=sys.stderr)
+    sharded_ckpt = path is not None and ckpt.is_sharded(path)
+    portable_opt = None
+    if state is not None and not sharded_ckpt:
+        if next(model.parameters()).is_meta:
+            raise UserError(f"{path} is a single-process checkpoint of a model too big for one device: convert it "
+                            "to DCP with `stepflash convert` and resume from that")
+        ckpt.load_checkpoint(path, model)  # weights go in before any wrapping
+        if par.parallelize is not None:  # its optimizer state is re-sharded after wrapping
+            portable_opt = ckpt.portable_optimizer_state(
+                model, build_optimizer(model, kind, args.lr, args.weight_decay), state["optimizer"])
 
     if par.parallelize is not None:
         model = par.parallelize(model)
@@ -260,17 +294,26 @@ def train(args: TrainArgs, par: Parallel | None = None, on_step: Callable | None
     moe_layer_ids = [i for i in range(cfg.num_hidden_layers) if cfg.is_moe(i)]
     for m in moe_modules:
         m.record_routing = True
-    opt = build_optimizer(model, args.optimizer, args.lr, args.weight_decay)
-    sampler = BatchSampler(train_data, args.batch_size, args.seed, par.rank, par.world_size)
-    val_set = validation_batches(val_data, args.batch_size, args.val_batches, par.rank, par.world_size)
+    opt = build_optimizer(model, kind, args.lr, args.weight_decay)
+    per_rank = args.batch_size // par.world_size
+    sampler = BatchSampler(train_data, per_rank, args.seed, par.rank, par.world_size)
+    val_set = validation_batches(val_data, per_rank, args.val_batches, par.rank, par.world_size)
     spikes = SpikeDetector(z=args.spike_z)
     window_stats = ExpertStatsWindow(moe_modules)
     load = ExpertLoad(len(moe_modules), cfg.moe_num_experts if moe_modules else 0, device)
     autocast_dtype = torch.bfloat16 if device.type == "cuda" else None
+    clip = par.clip_grad_norm or (lambda m, max_norm: torch.nn.utils.clip_grad_norm_(m.parameters(), max_norm))
 
     step, tokens_seen = 0, 0
     if state is not None:
-        opt.load_state_dict(state["optimizer"])
+        if sharded_ckpt:  # weights and optimizer, from whatever layout saved them into this one
+            from stepflash.distributed import load_checkpoint as load_dcp
+
+            load_dcp(path, model, opt)
+        elif portable_opt is not None:
+            ckpt.load_portable_optimizer_state(model, opt, portable_opt)
+        else:
+            opt.load_state_dict(state["optimizer"])
         sampler.load_state_dict(state["sampler"])
         spikes.load_state_dict(state["spikes"])
         window_stats.load_state_dict(state["monitor_window"])
@@ -283,19 +326,23 @@ def train(args: TrainArgs, par: Parallel | None = None, on_step: Callable | None
     log = MetricsLog(args.out, enabled=par.is_main)
     log.truncate_after(step)  # a fresh run starts a fresh log; a resumed one drops what it will redo
 
-    def save() -> str | None:
-        _check_finite_weights(model, step)
-        if not par.is_main:
-            return None
+    def save(final: bool = False) -> str | None:
+        _check_finite_weights(model, step, par)
         trainer_state = {
-            "step": step, "tokens_seen": tokens_seen, "optimizer": opt.state_dict(), "sampler": sampler.state_dict(),
+            "step": step, "tokens_seen": tokens_seen, "optimizer_kind": kind, "sampler": sampler.state_dict(),
             "spikes": spikes.state_dict(), "monitor_window": window_stats.state_dict(), "rng": _rng_state(device),
             "args": {k: v for k, v in dataclasses.asdict(args).items() if isinstance(v, (int, float, str, bool))}}
+        if par.sharded_checkpoints:  # collective: the optimizer state goes into the DCP shards
+            return ckpt.save_sharded_checkpoint(args.out, step, model, opt, trainer_state, tokenizer_src,
+                                                args.keep_checkpoints, export=final and args.export)
+        if not par.is_main:
+            return None
+        trainer_state["optimizer"] = opt.state_dict()
         to_save = par.export(model) if par.export is not None else model
         return ckpt.save_checkpoint(args.out, step, to_save, trainer_state, tokenizer_src, args.keep_checkpoints)
 
-    tokens_per_step = args.batch_size * args.seq_len * args.grad_accum * par.world_size
-    history: dict = {"losses": [], "val": [], "checkpoint": None, "skipped": []}
+    tokens_per_step = args.batch_size * args.seq_len * args.grad_accum  # global: batch_size is over all ranks
+    history: dict = {"losses": [], "val": [], "checkpoint": None, "skipped": [], "rank": par.rank}
     bar = tqdm(total=args.steps, initial=step, desc="train", unit="step", disable=not (args.progress and par.is_main))
     t_start = t_log = time.time()
     tokens_at_log, last_saved = tokens_seen, step if state is not None else -1
@@ -312,7 +359,7 @@ def train(args: TrainArgs, par: Parallel | None = None, on_step: Callable | None
             opt.zero_grad()
             raise TrainingDiverged(f"loss became {st.loss} at step {step + 1}; stopped without updating or saving "
                                    f"(last checkpoint: {ckpt.latest_checkpoint(args.out)})")
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip or float("inf")))
+        grad_norm = float(clip(model, args.grad_clip or float("inf")))
         spike = spikes.check(st.loss)
         skip = not math.isfinite(grad_norm) or (spike and args.skip_spikes)
         lr_now = args.lr * lr_factor(step, args.warmup_steps, args.steps, args.min_lr_ratio)
@@ -340,7 +387,7 @@ def train(args: TrainArgs, par: Parallel | None = None, on_step: Callable | None
                       **window_stats.metrics(moe_layer_ids)}
             window_stats.reset()
             bar.set_postfix(loss=f"{st.loss:.3f}", tok_s=f"{tps:,.0f}")
-        timed_out = args.time_limit_s > 0 and time.time() - t_start >= args.time_limit_s
+        timed_out = _timed_out(args, t_start, par, device)
         last = step == args.steps or timed_out
         if (args.eval_every > 0 and step % args.eval_every == 0) or last:
             val = _validate(model, val_set, device, autocast_dtype, par)
@@ -351,20 +398,32 @@ def train(args: TrainArgs, par: Parallel | None = None, on_step: Callable | None
         if on_step is not None:
             on_step(step, model, record)
         if step % args.save_every == 0 or last:
-            history["checkpoint"], last_saved = save(), step
+            history["checkpoint"], last_saved = save(final=last), step
         if timed_out:
             break
     bar.close()
     log.close()
     if last_saved != step:
-        history["checkpoint"] = save()
+        history["checkpoint"] = save(final=True)
     history["step"] = step
     history["checkpoint"] = history["checkpoint"] or ckpt.latest_checkpoint(args.out)
     return history
 
 
+def _timed_out(args: TrainArgs, t_start: float, par: Parallel, device) -> bool:
+    """--time-limit-s reached; under torchrun rank 0's clock decides, so every rank stops at the same step."""
+    if args.time_limit_s <= 0:
+        return False
+    out = torch.tensor([float(par.is_main and time.time() - t_start >= args.time_limit_s)], device=device)
+    if par.all_reduce is not None:
+        par.all_reduce(out)
+    return bool(out.item() > 0)
+
+
 def run(args: TrainArgs) -> int:
     h = train(args)
+    if h["rank"] != 0:  # under torchrun only rank 0 reports
+        return 0
     val = h["val"][-1]["val_loss"] if h["val"] else float("nan")
     last = f"last loss {h['losses'][-1][1]:.4f}, " if h["losses"] else ""
     print(f"trained to step {h['step']}: {last}validation loss {val:.4f}; checkpoint {h['checkpoint']}")

@@ -12,6 +12,9 @@ AdamW for what is not a hidden matrix: embeddings, the LM / MTP heads, the route
 logits feed a sigmoid where Muon's fixed-RMS update would be too coarse), and every norm weight (without
 weight decay).
 
+Under FSDP only AdamW is correct (each rank holds a shard of every matrix, and Muon needs the whole one):
+`resolve_optimizer` turns `--optimizer auto` into AdamW there and refuses an explicit Muon.
+
 `lr_factor` is linear warmup then cosine decay to `min_lr_ratio`; the schedule is a pure function of
 the step, so resuming needs nothing but the step.
 """
@@ -132,7 +135,9 @@ class CombinedOptimizer:
 
 def build_optimizer(model: nn.Module, kind: str, lr: float, weight_decay: float, betas=(0.9, 0.95),
                     muon_momentum: float = 0.95) -> CombinedOptimizer:
-    """kind 'muon' (Muon for hidden matrices + AdamW for the rest) or 'adamw' (AdamW for everything)."""
+    """kind 'muon' (Muon for hidden matrices + AdamW for the rest), 'adamw' (AdamW for everything), or
+    'auto' (Muon: the single-process choice; sharded runs resolve it with `resolve_optimizer` first)."""
+    kind = "muon" if kind == "auto" else kind
     groups = split_parameters(model)
     fused = {"fused": True} if all(p.is_cuda for p in model.parameters()) else {}
     if kind == "adamw":
@@ -157,3 +162,20 @@ def lr_factor(step: int, warmup: int, total: int, min_lr_ratio: float) -> float:
         return 1.0
     progress = min(1.0, (step - warmup) / (total - warmup))
     return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def resolve_optimizer(requested: str, world_size: int = 1, saved: str | None = None) -> str:
+    """The optimizer a run uses: 'auto' is Muon on one process and AdamW when sharded (Muon orthogonalises
+    whole matrices, FSDP hands each rank a shard), or whatever the checkpoint being resumed was trained with."""
+    from stepflash.errors import UserError
+
+    kind = requested if requested != "auto" else (saved or ("adamw" if world_size > 1 else "muon"))
+    if kind not in ("muon", "adamw"):
+        raise UserError(f"--optimizer must be auto, muon or adamw, got {requested!r}")
+    if kind == "muon" and world_size > 1:
+        raise UserError("--optimizer muon cannot train sharded (Muon orthogonalises whole matrices, FSDP gives each "
+                        "rank a shard); use --optimizer adamw or auto" + (" (this checkpoint was trained with Muon)"
+                                                                         if saved == "muon" else ""))
+    if saved is not None and saved != kind:
+        raise UserError(f"the checkpoint was trained with {saved}: resume it with --optimizer {saved} or auto")
+    return kind
