@@ -135,6 +135,51 @@ def test_resume_equals_uninterrupted_run(ckpt, tmp_path):
 def test_plot_draws_rl_metrics(ckpt, tmp_path):
     from stepflash.plot import plot_run
 
-    run(args(ckpt, tmp_path / "p", steps=2))
+    run(args(ckpt, tmp_path / "p", steps=2, eval_samples=2))
     names = {os.path.basename(p) for p in plot_run(str(tmp_path / "p"))}
-    assert {"reward.png", "test_accuracy.png", "traj_accept_rate.png"} <= names
+    assert {"reward.png", "test_accuracy.png", "test_accuracy_sampled.png", "traj_accept_rate.png"} <= names
+
+
+def _engine_and_prompts(ckpt):
+    from stepflash.chat import ChatTemplate
+    from stepflash.checkpoint import load_model
+    from stepflash.inference.engine import Engine
+    from stepflash.rl.rollout import render_task
+    from stepflash.tokenizer import load_tokenizer
+
+    tok, template = load_tokenizer(ckpt), ChatTemplate.from_checkpoint(ckpt)
+    prompts = [tok.encode(render_task(template, t), add_special_tokens=False).ids for t in TASKS[:5]]
+    return Engine(load_model(ckpt, dtype=torch.float32), max_batch_size=4), tok, prompts
+
+
+def test_sampled_heldout_accuracy_is_the_mean_over_seeded_answers(ckpt):
+    from stepflash.rl.rollout import completion_text, greedy_accuracy, heldout_accuracy
+
+    engine, tok, prompts = _engine_and_prompts(ckpt)
+    stop = (1, 2)
+    kw = dict(max_new_tokens=5, stop_ids=stop, reward_fn=low_id_reward, batch=4)
+    # Reference: every answer alone, answer j to task i on seed 7 + 3 i + j (the documented layout).
+    want = []
+    for i, p in enumerate(prompts):
+        for j in range(3):
+            r = engine.generate([p], 5, temperature=1.0, seed=7 + 3 * i + j, stop_token_ids=stop)[0]
+            stop_all = set(stop) | set(engine.config.eos_token_ids)
+            want.append(low_id_reward(TASKS[i], completion_text(tok, r.token_ids, stop_all), r.token_ids))
+    got = heldout_accuracy(engine, tok, TASKS[:5], prompts, temperature=1.0, samples=3, seed=7, **kw)
+    assert got == pytest.approx(sum(want) / len(want), abs=1e-12)
+    # A slice with the shifted seed answers exactly as it does inside the whole list (how ranks split it).
+    tail = heldout_accuracy(engine, tok, TASKS[2:5], prompts[2:], temperature=1.0, samples=3, seed=7 + 2 * 3, **kw)
+    assert tail == pytest.approx(sum(want[6:]) / 9, abs=1e-12)
+    # At temperature 0 every sample is the greedy answer; a different seed gives other samples.
+    greedy = greedy_accuracy(engine, tok, TASKS[:5], prompts, **kw)
+    assert heldout_accuracy(engine, tok, TASKS[:5], prompts, temperature=0.0, samples=3, seed=7, **kw) == \
+        pytest.approx(greedy, abs=1e-12)
+    assert heldout_accuracy(engine, tok, TASKS[:5], prompts, temperature=1.0, samples=3, seed=8, **kw) != got
+
+
+def test_sampled_accuracy_uses_one_seed_for_every_evaluation(ckpt, tmp_path):
+    # actor lr 0: the weights never change, so two evaluations on the same seed must agree exactly.
+    recs = run(args(ckpt, tmp_path / "s", steps=1, actor_lr=0.0, eval_samples=3))
+    assert recs[0]["test_accuracy_sampled"] == recs[-1]["test_accuracy_sampled"]
+    assert recs[0]["test_accuracy_sampled"] != recs[0]["test_accuracy"]
+    assert "test_accuracy_sampled" not in run(args(ckpt, tmp_path / "off", steps=1))[0]

@@ -1,6 +1,6 @@
 """Running a verb under torchrun: the process group and mesh a training verb needs, set up and torn down.
 
-`torchrun --nproc-per-node N -m stepflash train|sft ...` starts N copies of the verb with RANK /
+`torchrun --nproc-per-node N -m stepflash train|sft|rl ...` starts N copies of the verb with RANK /
 WORLD_SIZE / LOCAL_RANK in the environment. `under_torchrun()` tells a verb it was launched that way
 (WORLD_SIZE > 1; a plain `python -m stepflash` run never is), and `torchrun_session(ep)` starts the
 default process group (gloo on CPU, NCCL on CUDA), builds the ("dp", "ep") mesh with dp = world / ep,
@@ -10,7 +10,8 @@ and destroys the group when the verb is done, also when it fails.
 expert parallelism, from outside the model), the sum all-reduce and barrier, the gradient clipping that
 spans the dense and expert meshes, and `token_weight`, the factor that turns a rank's per-token mean
 loss into its share of the global per-token mean (FSDP averages gradients over ranks with equal weight,
-but ranks may hold different numbers of loss tokens).
+but ranks may hold different numbers of loss tokens). `sum_grads` and `all_gather` serve verbs that keep
+a whole replicated model on every rank instead (`stepflash rl`: its rollout engine needs the whole model).
 """
 
 from __future__ import annotations
@@ -82,8 +83,38 @@ class Session:
         return model
 
     @staticmethod
-    def all_reduce(t: torch.Tensor) -> None:
-        dist.all_reduce(t)
+    def all_reduce(t: torch.Tensor, op=dist.ReduceOp.SUM) -> None:
+        dist.all_reduce(t, op=op)
+
+    def all_gather(self, t: torch.Tensor) -> torch.Tensor:
+        """Every rank's `t` (the same shape on all) concatenated along dim 0 in rank order (collective)."""
+        parts = [torch.empty_like(t) for _ in range(self.world_size)]
+        dist.all_gather(parts, t.contiguous())
+        return torch.cat(parts)
+
+    @staticmethod
+    def sum_grads(params, bucket_numel: int = 1 << 24) -> None:
+        """Sum the gradients of replicated (not FSDP-sharded) parameters over ranks, in place, in buckets of
+        about `bucket_numel` values. A parameter without a gradient on this rank counts as zeros; one
+        without a gradient on every rank keeps none, as in one process (AdamW then skips it)."""
+        params = list(params)
+        start = 0
+        while start < len(params):
+            stop, numel = start, 0
+            while stop < len(params) and (numel == 0 or numel + params[stop].numel() <= bucket_numel):
+                numel += params[stop].numel()
+                stop += 1
+            bucket = params[start:stop]
+            flat = torch.cat([p.grad.reshape(-1).float() if p.grad is not None else
+                              torch.zeros(p.numel(), device=p.device) for p in bucket] +
+                             [torch.tensor([float(p.grad is not None) for p in bucket], device=bucket[0].device)])
+            dist.all_reduce(flat)
+            offset = 0
+            for i, p in enumerate(bucket):
+                if flat[numel + i] > 0:  # some rank had a gradient
+                    p.grad = flat[offset: offset + p.numel()].view_as(p).to(p.dtype).clone()
+                offset += p.numel()
+            start = stop
 
     @staticmethod
     def barrier() -> None:
@@ -121,11 +152,13 @@ class Session:
 @contextlib.contextmanager
 def torchrun_session(ep: int = 1, backend: str | None = None):
     """Start the process group (`backend`: default NCCL with CUDA, else gloo) and the (world / ep, ep) mesh;
-    destroy the group on the way out."""
+    destroy the group on the way out. A group the caller started already is used and left running (a script
+    that runs several jobs in one launch: re-creating the default group reuses its rendezvous keys, a race)."""
     check_expert_parallel(ep, int(os.environ.get("WORLD_SIZE", "1")))
+    started_here = not dist.is_initialized()
     info = init_distributed(backend)
     try:
         yield Session(info, build_mesh(info.world_size // ep, ep), ep)
     finally:
-        if dist.is_initialized():
+        if started_here and dist.is_initialized():
             dist.destroy_process_group()

@@ -75,6 +75,21 @@ def completion_text(tok, token_ids: list[int], stop_ids: set[int]) -> str:
     return tok.decode(token_ids, skip_special_tokens=False)
 
 
+def task_messages(task) -> tuple[list[dict], list[dict] | None]:
+    """How a task is posed: (messages, tools). A system turn from meta["system"] when the task has one, then
+    the prompt as the user turn; meta["tools"] are the tool schemas the chat template renders into the
+    system turn (tool tasks), None for tasks without tools."""
+    meta = getattr(task, "meta", None) or {}
+    messages = [{"role": "system", "content": meta["system"]}] if meta.get("system") else []
+    return messages + [{"role": "user", "content": task.prompt}], meta.get("tools") or None
+
+
+def render_task(template, task) -> str:
+    """The prompt text of a task: its messages and tools rendered with the generation prompt on."""
+    messages, tools = task_messages(task)
+    return template.render(messages, tools=tools)
+
+
 def task_reward(task, text: str, token_ids: list[int]) -> float:
     return float(task.reward(text))
 
@@ -139,13 +154,26 @@ def collect_rollouts(worker: RolloutWorker, tok, tasks: list, prompts: list[list
 
 
 @torch.no_grad()
+def heldout_accuracy(engine: Engine, tok, tasks: list, prompts: list[list[int]], max_new_tokens: int,
+                     stop_ids: tuple[int, ...], reward_fn: RewardFn = task_reward, batch: int = 64,
+                     temperature: float = 0.0, samples: int = 1, seed: int = 0) -> float:
+    """Mean reward of `samples` answers per task at `temperature` (accuracy for 0/1 verifiers): greedy at
+    temperature 0, the avg@k of RL papers when sampled. Answer j to task i samples with seed + i * samples + j,
+    so one seed scores every checkpoint on the same random streams, and the tasks [s:] with
+    seed + s * samples get the answers they get in the whole list."""
+    stop = set(stop_ids) | set(engine.config.eos_token_ids)
+    flat = [i for i in range(len(prompts)) for _ in range(samples)]  # task index of every answer
+    total = 0.0
+    for lo in range(0, len(flat), batch):
+        rows = flat[lo: lo + batch]
+        results = engine.generate([prompts[i] for i in rows], max_new_tokens, temperature=temperature,
+                                  seed=seed + lo if temperature > 0 else None, stop_token_ids=stop_ids)
+        for i, r in zip(rows, results):
+            total += reward_fn(tasks[i], completion_text(tok, r.token_ids, stop), r.token_ids)
+    return total / max(len(flat), 1)
+
+
 def greedy_accuracy(engine: Engine, tok, tasks: list, prompts: list[list[int]], max_new_tokens: int,
                     stop_ids: tuple[int, ...], reward_fn: RewardFn = task_reward, batch: int = 64) -> float:
     """Mean reward of greedy answers (held-out accuracy for 0/1 verifiers)."""
-    stop = set(stop_ids) | set(engine.config.eos_token_ids)
-    total = 0.0
-    for i in range(0, len(prompts), batch):
-        results = engine.generate(prompts[i: i + batch], max_new_tokens, temperature=0.0, stop_token_ids=stop_ids)
-        for task, r in zip(tasks[i: i + batch], results):
-            total += reward_fn(task, completion_text(tok, r.token_ids, stop), r.token_ids)
-    return total / max(len(prompts), 1)
+    return heldout_accuracy(engine, tok, tasks, prompts, max_new_tokens, stop_ids, reward_fn, batch)

@@ -18,6 +18,12 @@ appends one line to OUT/metrics.jsonl; `stepflash plot OUT` draws it. Checkpoint
 layout + tokenizer; critic, optimizers and rollout snapshots in trainer_state.pt) are published atomically
 under OUT/checkpoints/ and a rerun with the same OUT resumes from the latest one. Rollout seeds and task
 draws depend only on (seed, step), so a resumed run repeats the uninterrupted one.
+
+Held-out tasks give `test_accuracy` (greedy) at step 0, every `eval_every` steps and at the end, and with
+`eval_samples` K also `test_accuracy_sampled`, the mean reward of K samples per task at the rollout
+temperature, always on the same seed so that checkpoints compare. Steps 2-5 live in `step.py`; under
+torchrun every process runs them on its share of the step (`data_parallel.py`) and the run equals the
+one-process run of the same flags.
 """
 
 from __future__ import annotations
@@ -31,15 +37,15 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
 import torch
-import torch.nn.functional as F
 
 from stepflash.errors import UserError
-from stepflash.rl.advantages import gae, value_loss
-from stepflash.rl.losses import grpo_advantages, kl_penalty, mispo_loss, mispo_masks, ppo_clip_loss
-from stepflash.rl.rollout import RolloutBatch, RolloutWorker, collect_rollouts, greedy_accuracy, task_reward
+from stepflash.rl.data_parallel import RankGroup
+from stepflash.rl.rollout import RolloutWorker, collect_rollouts, heldout_accuracy, render_task, task_reward
+from stepflash.rl.step import State, train_step
 
 ALGOS = ("mispo", "ppo", "grpo")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+EVAL_SEED = 1 << 40  # sampled held-out answers: one fixed stream per answer, apart from the rollout seeds
 
 
 @dataclass
@@ -79,6 +85,9 @@ class RLArgs:
     task_ops: str = field(default="+-", metadata={"help": "arithmetic: operators"})
     task_terms: list[int] = field(default_factory=lambda: [2, 2], metadata={"help": "arithmetic: min max terms"})
     eval_every: int = field(default=5, metadata={"help": "held-out accuracy every N steps (0: start and end only)"})
+    eval_samples: int = field(default=0, metadata={
+        "help": "also log test_accuracy_sampled: the mean reward of K samples per held-out task at --temperature "
+                "(avg@K, the same seed at every evaluation; 0: off)"})
     save_every: int = field(default=10, metadata={"help": "checkpoint every N steps (and at the end)"})
     max_batch_size: int = field(default=64, metadata={"help": "rollout engine batch slots"})
     seed: int = field(default=0, metadata={"help": "seed of task draws, rollouts and mini-batch order"})
@@ -99,8 +108,8 @@ def check_args(a: RLArgs) -> None:
                  "critic_minibatches", "max_batch_size"):
         if getattr(a, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be >= 1")
-    if a.staleness < 0:
-        raise UserError("--staleness must be >= 0")
+    if a.staleness < 0 or a.eval_samples < 0:
+        raise UserError("--staleness and --eval-samples must be >= 0")
     if a.algo == "grpo" and a.samples_per_prompt < 2:
         raise UserError("grpo needs --samples-per-prompt >= 2 (advantages are relative to the group)")
 
@@ -124,104 +133,6 @@ def load_tasks(a: RLArgs) -> tuple[list, list]:
         options = {"digits": tuple(a.task_digits), "ops": a.task_ops, "terms": tuple(a.task_terms)}
     return (make_tasks(a.task, a.num_train_tasks, seed=a.seed, split="train", **options),
             make_tasks(a.task, a.num_test_tasks, seed=a.seed, split="test", **options))
-
-
-# ---- per-token quantities --------------------------------------------------------------------------
-
-def logprobs_and_entropy(model, ids: torch.Tensor, want_entropy: bool = False):
-    """log pi(ids[:, 1:]) [B, S-1] in fp32 and, optionally, the entropy of each predictive distribution."""
-    logp_all = F.log_softmax(model(ids[:, :-1]).float(), dim=-1)  # [B, S-1, V]
-    lp = logp_all.gather(-1, ids[:, 1:, None]).squeeze(-1)
-    ent = -(logp_all.exp() * logp_all).sum(-1) if want_entropy else None
-    return lp, ent
-
-
-def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> float:
-    return float((x * mask).sum() / mask.sum().clamp(min=1))
-
-
-# ---- one step ----------------------------------------------------------------------------------
-
-@dataclass
-class State:
-    """Everything a step changes (saved in trainer_state.pt)."""
-    policy: torch.nn.Module
-    critic: torch.nn.Module | None
-    ref: torch.nn.Module | None
-    actor_opt: torch.optim.Optimizer
-    critic_opt: torch.optim.Optimizer | None
-    worker: RolloutWorker
-
-
-def _clip(params, max_norm: float) -> float:
-    return float(torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf")))
-
-
-def train_step(a: RLArgs, st: State, batch: RolloutBatch, gen: torch.Generator) -> dict:
-    """Steps 2-5 of the module docstring on one rollout batch; returns its metrics."""
-    B, mask, mu = batch.size, batch.response_mask, batch.behavior_logprobs
-    with torch.no_grad():
-        old_lp, ent = logprobs_and_entropy(st.policy, batch.ids, want_entropy=True)  # [B, S-1]
-        ref_lp = logprobs_and_entropy(st.ref, batch.ids)[0] if st.ref is not None else None
-        keep, token_ok, traj_ok, log_x = mispo_masks(old_lp, mu, mask, tuple(a.token_bounds), tuple(a.traj_bounds))
-        m = {"token_accept_rate": float(token_ok.sum() / mask.sum().clamp(min=1)),
-             "traj_accept_rate": float(traj_ok.float().mean()),
-             "kept_fraction": float(keep.sum() / mask.sum().clamp(min=1)),
-             "mean_abs_log_ratio": masked_mean(log_x.abs(), mask),
-             "entropy": masked_mean(ent, mask)}
-        if st.critic is not None:
-            v_full = st.critic(batch.ids)  # [B, S]
-            values = v_full[:, :-1]
-            last_values = v_full[torch.arange(B), batch.last_pos]
-            truncated = batch.truncated if a.bootstrap_truncated else torch.zeros_like(batch.truncated)
-            adv, returns = gae(values, batch.rewards, mask, truncated, last_values)
-        else:
-            P = int(batch.group.max()) + 1
-            adv = grpo_advantages(batch.rewards.view(P, -1)).reshape(-1)  # [B]
-            returns = None
-
-    actor_params = [p for p in st.policy.parameters() if p.requires_grad]
-    st.policy.train()
-    norms, losses, extra = [], [], {}
-    for idx in torch.randperm(B, generator=gen).chunk(a.actor_minibatches):
-        sub = batch.select(idx)
-        T = sub.ids.shape[1] - 1
-        lp, _ = logprobs_and_entropy(st.policy, sub.ids)  # [b, T] with grad
-        sub_adv = adv[idx] if adv.dim() == 1 else adv[idx, :T]
-        if a.algo == "mispo":
-            loss, stats = mispo_loss(lp, old_lp[idx, :T], sub.behavior_logprobs, sub_adv, sub.response_mask,
-                                     tuple(a.token_bounds), tuple(a.traj_bounds), a.normalization)
-        else:
-            loss, stats = ppo_clip_loss(lp, old_lp[idx, :T], sub_adv, sub.response_mask, a.clip_eps,
-                                        normalization=a.normalization)
-            extra.setdefault("clip_fraction", []).append(stats["clip_fraction"])
-        if ref_lp is not None:
-            kl = kl_penalty(lp, ref_lp[idx, :T], sub.response_mask, a.kl_coef, a.normalization)
-            extra.setdefault("kl_ref", []).append(float(kl) / max(a.kl_coef, 1e-12))
-            loss = loss + kl
-        st.actor_opt.zero_grad(set_to_none=True)
-        loss.backward()
-        norms.append(_clip(actor_params, a.grad_clip))
-        st.actor_opt.step()
-        st.worker.on_update(st.policy)
-        losses.append(float(loss.detach()))
-    m.update({"loss": sum(losses) / len(losses), "grad_norm": sum(norms) / len(norms), "grad_norm_max": max(norms)})
-    m.update({k: sum(v) / len(v) for k, v in extra.items()})
-
-    if st.critic is not None:
-        vl, ev = [], []
-        for idx in torch.randperm(B, generator=gen).chunk(a.critic_minibatches):
-            sub = batch.select(idx)
-            T = sub.ids.shape[1] - 1
-            loss, stats = value_loss(st.critic(sub.ids)[:, :-1], returns[idx, :T], sub.response_mask)
-            st.critic_opt.zero_grad(set_to_none=True)
-            loss.backward()
-            _clip(st.critic.parameters(), a.grad_clip)
-            st.critic_opt.step()
-            vl.append(float(loss.detach()))
-            ev.append(max(stats["explained_variance"], -1.0))  # clamp: ~0-variance returns blow it up
-        m.update({"value_loss": sum(vl) / len(vl), "explained_variance": sum(ev) / len(ev)})
-    return m
 
 
 # ---- the run ------------------------------------------------------------------------------------
@@ -257,85 +168,124 @@ def restore(st: State, state: dict) -> int:
     return int(state["step"])
 
 
+def heldout(a: RLArgs, engine, tok, tasks: list, prompts: list, stop_ids, reward_fn,
+            dp: RankGroup | None = None) -> dict:
+    """test_accuracy (greedy) and, with --eval-samples K, test_accuracy_sampled (mean reward of K samples per
+    task at --temperature, always on the same seed). Under torchrun each rank answers a slice of the tasks."""
+    if not prompts:
+        return {"test_accuracy": None}
+    lo, hi = (0, len(prompts)) if dp is None else dp.span(len(prompts))
+    modes = [("test_accuracy", 0.0, 1)]
+    if a.eval_samples > 0:
+        modes.append(("test_accuracy_sampled", a.temperature, a.eval_samples))
+    out = {}
+    for key, temperature, k in modes:
+        acc = heldout_accuracy(engine, tok, tasks[lo:hi], prompts[lo:hi], a.max_new_tokens, stop_ids, reward_fn,
+                               a.max_batch_size, temperature=temperature, samples=k,
+                               seed=EVAL_SEED + a.seed + lo * k) if hi > lo else 0.0
+        out[key] = acc if dp is None else dp.sum([acc * (hi - lo)])[0] / len(prompts)
+    return out
+
+
 def train_rl(a: RLArgs, train_tasks: list | None = None, test_tasks: list | None = None,
              reward_fn: Callable = task_reward, log: Callable[[str], None] = print) -> list[dict]:
     """Run (or resume) an RL job; returns the metric records written this call. Tasks and the reward can be
-    passed in (tests, custom tasks); by default they come from --task."""
+    passed in (tests, custom tasks); by default they come from --task. Under torchrun (WORLD_SIZE > 1) the
+    step is split over the processes (data_parallel.py): rank 0 logs, writes and returns the records
+    (the others return []), and the run equals the one-process run of the same flags."""
+    from stepflash.distributed.launch import torchrun_session, under_torchrun
+
+    check_args(a)
+    if under_torchrun():
+        with torchrun_session(backend="gloo") as session:  # the trainer runs on CPU tensors
+            return _train_rl(a, train_tasks, test_tasks, reward_fn, log, RankGroup(session))
+    return _train_rl(a, train_tasks, test_tasks, reward_fn, log)
+
+
+def _train_rl(a: RLArgs, train_tasks, test_tasks, reward_fn, log, dp: RankGroup | None = None) -> list[dict]:
     from stepflash.chat import ChatTemplate
     from stepflash.checkpoint import load_model
+    from stepflash.inference.engine import Engine
     from stepflash.tokenizer import load_tokenizer
     from stepflash.training.checkpointing import latest_checkpoint, load_checkpoint, save_checkpoint
     from stepflash.training.monitors import MetricsLog
-    from stepflash.inference.engine import Engine
 
-    check_args(a)
     if a.threads > 0:
         torch.set_num_threads(a.threads)
     if train_tasks is None:
         train_tasks, test_tasks = load_tasks(a)
     if not train_tasks:
         raise UserError("no training tasks")
+    n_prompts = min(a.prompts_per_step, len(train_tasks))
+    if dp is not None and n_prompts % dp.world_size:
+        raise UserError(f"--prompts-per-step {n_prompts} must be a multiple of the {dp.world_size} processes "
+                        "(each rolls out an equal share)")
+    main = dp is None or dp.is_main
+    if not main:
+        log = lambda s: None  # noqa: E731
     tok = load_tokenizer(a.checkpoint)
     template = ChatTemplate.from_checkpoint(a.checkpoint)
-    encode = lambda t: tok.encode(template.render([{"role": "user", "content": t.prompt}]),  # noqa: E731
-                                  add_special_tokens=False).ids
+    encode = lambda t: tok.encode(render_task(template, t), add_special_tokens=False).ids  # noqa: E731
     stop_ids = tuple(i for i in (tok.token_to_id("<|im_end|>"), tok.token_to_id("<|eos|>")) if i is not None)
     pad_id = tok.token_to_id("<|pad|>") or 0
 
     torch.manual_seed(a.seed)
     policy = load_model(a.checkpoint, dtype=torch.float32)
     st = build_state(a, policy)
-    os.makedirs(a.out, exist_ok=True)
     start = 0
     resume_from = latest_checkpoint(a.out)
-    if resume_from:
+    if resume_from:  # every rank loads the same checkpoint: replicas start equal
         start = restore(st, load_checkpoint(resume_from, policy))
         log(f"resumed from {resume_from} (step {start})")
-    with open(os.path.join(a.out, "rl_args.json"), "w") as f:
-        json.dump(asdict(a), f, indent=1)
-    metrics = MetricsLog(a.out)
+    if main:
+        os.makedirs(a.out, exist_ok=True)
+        with open(os.path.join(a.out, "rl_args.json"), "w") as f:
+            json.dump(asdict(a), f, indent=1)
+    metrics = MetricsLog(a.out, enabled=main)
     metrics.truncate_after(start)
     eval_engine = Engine(policy, max_batch_size=a.max_batch_size)
     test_prompts = [encode(t) for t in test_tasks or []]
 
-    def evaluate() -> float | None:
-        if not test_prompts:
-            return None
-        acc = greedy_accuracy(eval_engine, tok, test_tasks, test_prompts, a.max_new_tokens, stop_ids, reward_fn,
-                              a.max_batch_size)
+    def evaluate() -> dict:
+        acc = heldout(a, eval_engine, tok, test_tasks, test_prompts, stop_ids, reward_fn, dp)
         policy.train()
         return acc
 
     records = []
     if start == 0:
-        rec = {"step": 0, "test_accuracy": evaluate()}
+        rec = {"step": 0, **evaluate()}
         metrics.write(rec)
         records.append(rec)
-        log(f"step 0 test_accuracy {rec['test_accuracy']}")
+        log(" ".join(f"{k} {v}" for k, v in rec.items()))
     for step in range(start, a.steps):
         rng = random.Random(f"{a.seed}:{step}")
-        tasks = rng.sample(train_tasks, min(a.prompts_per_step, len(train_tasks)))
+        tasks = rng.sample(train_tasks, n_prompts)
+        seed = (a.seed * 1_000_003 + step) * 10_007  # sample j of the step draws with seed + j
+        if dp is not None:  # this rank's prompts; its first sample is sample lo * k of the step
+            lo, hi = dp.span(n_prompts)
+            tasks, seed = tasks[lo:hi], seed + lo * a.samples_per_prompt
         t0 = time.time()
         batch = collect_rollouts(st.worker, tok, tasks, [encode(t) for t in tasks], a.samples_per_prompt,
-                                 a.max_new_tokens, a.temperature, seed=(a.seed * 1_000_003 + step) * 10_007,
-                                 stop_ids=stop_ids, pad_id=pad_id, reward_fn=reward_fn)
+                                 a.max_new_tokens, a.temperature, seed=seed, stop_ids=stop_ids, pad_id=pad_id,
+                                 reward_fn=reward_fn)
         t1 = time.time()
         gen = torch.Generator().manual_seed(a.seed * 7919 + step)
-        rec = {"step": step + 1, "reward": float(batch.rewards.mean()),
-               "truncation_rate": float(batch.truncated.float().mean()),
-               "response_length": float(batch.response_mask.sum(1).mean())}
-        rec.update(train_step(a, st, batch, gen))
+        rec = {"step": step + 1, **train_step(a, st, batch, gen, dp, pad_id)}
         rec.update({"rollout_s": t1 - t0, "train_s": time.time() - t1})
         last = step + 1 == a.steps
         if (a.eval_every and (step + 1) % a.eval_every == 0) or last:
-            rec["test_accuracy"] = evaluate()
+            rec.update(evaluate())
         metrics.write(rec)
-        records.append(rec)
+        if main:
+            records.append(rec)
         log(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in rec.items()))
         if (a.save_every and (step + 1) % a.save_every == 0) or last:
-            save_checkpoint(a.out, step + 1, policy, trainer_state(st, step + 1), tokenizer_src=a.checkpoint)
+            if main:  # the replicas are equal: rank 0's state is the run's
+                save_checkpoint(a.out, step + 1, policy, trainer_state(st, step + 1), tokenizer_src=a.checkpoint)
+            if dp is not None:
+                dp.barrier()
     metrics.close()
-    return records
+    return records if main else []
 
 
 def run(args: RLArgs) -> int:
