@@ -62,6 +62,15 @@ def test_math_wrong(reference, completion):
     assert math_reward({"answer": reference}, completion) == 0.0
 
 
+def test_math_prompt_asking_for_boxed_credits_only_a_boxed_answer():
+    # The hack RL found on arithmetic: stop mid-reasoning on a number that equals the answer.
+    task = {"prompt": "Compute 0 + 3. Put the final answer in \\boxed{}.", "answer": "3"}
+    assert math_reward(task, "0 + 3 = }") == 0.0
+    assert math_reward(task, "The answer is 3") == 0.0
+    assert math_reward(task, "0 + 3 = 3\n</think>\n\\boxed{3}") == 1.0
+    assert math_reward({"prompt": "Compute 0 + 3.", "answer": "3"}, "The answer is 3") == 1.0  # no format asked
+
+
 @pytest.mark.parametrize("garbage", [
     "", "\\boxed{", "}}}{{{", "\\boxed{\\frac{1}{0}}", "\\boxed{" + "(" * 500 + "}", "\x00\xff\ud800", "9" * 5000,
     "\\boxed{\\begin{matrix}}", "Answer: \\\\\\\\", "\\boxed{x^{x^{x^{x^{x}}}}}",
@@ -121,6 +130,24 @@ def test_code_infinite_loop_times_out_and_keeps_earlier_verdicts():
     code = "def add(a, b):\n    while a == 10:\n        pass\n    return a + b"
     task = {"tests": ADD_TESTS, "timeout_s": 1.0}
     assert REWARDS["code"](task, _code(code)) == 0.5  # tests 0 and 1 pass, test 2 hangs, test 3 never runs
+
+
+def test_code_reward_skips_the_sandbox_for_unparsable_programs_and_remembers_verdicts(monkeypatch):
+    from stepflash.rl.rewards import code_verifier
+
+    broken = "def add(a, b) return a + b"
+    assert run_tests(broken, ADD_TESTS) == [False] * 4  # the sandbox's own verdict, which the shortcut must equal
+    calls = []
+    real = code_verifier.run_tests
+    monkeypatch.setattr(code_verifier, "run_tests", lambda *a, **k: calls.append(a[0]) or real(*a, **k))
+    task = {"tests": ADD_TESTS, "timeout_s": 5.0}
+    assert REWARDS["code"](task, _code(broken)) == 0.0 and calls == []
+    program = f"def add(a, b):\n    return a + b  # {uuid.uuid4().hex}"  # not in the cache yet
+    assert REWARDS["code"](task, _code(program)) == 1.0
+    assert REWARDS["code"](task, _code(program)) == 1.0
+    assert len(calls) == 1
+    assert REWARDS["code"]({"tests": ADD_TESTS[:1], "timeout_s": 5.0}, _code(program)) == 1.0  # other tests: a new run
+    assert len(calls) == 2
 
 
 def test_code_crash_scores_zero():

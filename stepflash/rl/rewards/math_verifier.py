@@ -35,12 +35,15 @@ def _boxed_contents(text: str) -> list[str]:
     return out
 
 
-def extract_answer(completion: str) -> str | None:
-    """The final answer string of a completion, or None when there is none."""
+def extract_answer(completion: str, boxed_only: bool = False) -> str | None:
+    """The final answer string of a completion, or None when there is none. `boxed_only`: only a
+    \\boxed{} answer counts (no "answer is" line, no last number)."""
     text = strip_reasoning(completion)
     boxed = _boxed_contents(text)
     if boxed:
         return boxed[-1].strip()
+    if boxed_only:
+        return None
     lines = _ANSWER_LINE.findall(text)
     if lines:
         answer = lines[-1].strip().rstrip(".").strip()
@@ -80,9 +83,12 @@ def answers_match(predicted: str, reference: str) -> bool:
 
 
 def math_reward(prompt: Any, completion: str) -> float:
-    """1.0 when the completion's final answer equals the task's reference answer, else 0.0."""
+    """1.0 when the completion's final answer equals the task's reference answer, else 0.0.
+    A task whose prompt asks for \\boxed{} gets credit only for a boxed answer: with the lenient fallbacks
+    RL learned to stop mid-reasoning on a number that happened to match ("0 + 3 = " scored 1)."""
     reference = task_field(prompt, "answer")
     if reference is None:
         raise UserError("a math task needs a reference 'answer'")
-    answer = extract_answer(completion)
+    asks_boxed = "\\boxed" in str(task_field(prompt, "prompt") or "")
+    answer = extract_answer(completion, boxed_only=asks_boxed)
     return 1.0 if answer is not None and answers_match(answer, str(reference)) else 0.0
