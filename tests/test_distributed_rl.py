@@ -45,16 +45,8 @@ def scripted(a: RLArgs) -> list[dict]:
 
 
 @pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
-    from stepflash.chat import render_chat
-    from stepflash.rl.sft import load_start, save_checkpoint_dir
-
-    texts = [render_chat([{"role": "user", "content": f"say something {i}"}, {"role": "assistant", "content": "ok"}],
-                         add_generation_prompt=False) for i in range(50)]
-    model, tok = load_start("tiny", texts, seed=0)
-    path = str(tmp_path_factory.mktemp("rl") / "ckpt")
-    save_checkpoint_dir(model, tok, path)
-    return path
+def ckpt(rl_ckpt):
+    return rl_ckpt
 
 
 def args(ckpt, out, **kw) -> RLArgs:

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import subprocess
 import sys
 
@@ -27,7 +26,6 @@ from stepflash.distributed.launch import check_expert_parallel
 from stepflash.errors import UserError
 from stepflash.rl.sft import SFTArgs, train_sft
 from stepflash.training import checkpointing
-from stepflash.training.data import PrepareArgs, prepare
 from stepflash.training.loop import Parallel, TrainArgs, train
 from stepflash.training.optimizer import resolve_optimizer
 
@@ -35,21 +33,6 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LR = 3e-3
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    """A small structured corpus tokenized with a 256-token vocab (as in test_training)."""
-    root = tmp_path_factory.mktemp("corpus")
-    rng = random.Random(0)
-    words = "def class return import self for in if else while print lambda yield with as try".split()
-    for i in range(30):
-        lines = [f"{(w := rng.choice(words))} x{rng.randint(0, 9)} = {w}({rng.randint(0, 9)})" for _ in range(30)]
-        (root / f"{i:02d}.py").write_text("\n".join(lines) + "\n")
-    out = tmp_path_factory.mktemp("data")
-    prepare(PrepareArgs(input=str(root), out=str(out), vocab_size=256, val_fraction=0.1, docs_per_shard=8,
-                        progress=False))
-    return str(out)
 
 
 # A constant lr after warmup (--min-lr-ratio 1), so a run stopped at step 2 and resumed with --steps 4 follows

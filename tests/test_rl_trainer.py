@@ -10,7 +10,6 @@ import pytest
 import torch
 
 from stepflash.rl.rollout import RolloutWorker, pack
-from stepflash.rl.sft import load_start, save_checkpoint_dir
 from stepflash.rl.tasks import Task
 from stepflash.rl.trainer import RLArgs, train_rl
 
@@ -19,16 +18,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
-    """A random `tiny` model with a small task tokenizer, saved as a checkpoint."""
-    from stepflash.chat import render_chat
-
-    texts = [render_chat([{"role": "user", "content": f"say something {i}"}, {"role": "assistant", "content": "ok"}],
-                         add_generation_prompt=False) for i in range(50)]
-    model, tok = load_start("tiny", texts, seed=0)
-    path = str(tmp_path_factory.mktemp("rl") / "ckpt")
-    save_checkpoint_dir(model, tok, path)
-    return path
+def ckpt(rl_ckpt):
+    return rl_ckpt
 
 
 TASKS = [Task(f"say something {i}", "", "arithmetic", key=str(i)) for i in range(16)]

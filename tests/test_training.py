@@ -1,7 +1,6 @@
 import json
 import math
 import os
-import random
 
 import pytest
 import torch
@@ -11,31 +10,12 @@ from stepflash.config import tiny
 from stepflash.errors import UserError
 from stepflash.model import Step35ForCausalLM
 from stepflash.training import checkpointing
-from stepflash.training.data import PrepareArgs, prepare
 from stepflash.training.loop import TrainArgs, TrainingDiverged, train
 from stepflash.training.objective import compute_loss, mtp_targets
 from stepflash.training.optimizer import Muon, lr_factor, orthogonalize
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    """A small corpus with structure (a fixed 'grammar' of words) tokenized with a <=256 vocab."""
-    root = tmp_path_factory.mktemp("corpus")
-    rng = random.Random(0)
-    words = "def class return import self for in if else while print lambda yield with as try".split()
-    for i in range(30):
-        lines = []
-        for _ in range(30):
-            w = rng.choice(words)
-            lines.append(f"{w} x{rng.randint(0, 9)} = {w}({rng.randint(0, 9)})")
-        (root / f"{i:02d}.py").write_text("\n".join(lines) + "\n")
-    out = tmp_path_factory.mktemp("data")
-    prepare(PrepareArgs(input=str(root), out=str(out), vocab_size=256, val_fraction=0.1, docs_per_shard=8,
-                        progress=False))
-    return str(out)
 
 
 def _args(data_dir, out, **kw):
