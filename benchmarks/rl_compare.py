@@ -36,8 +36,9 @@ def rl_args(a, algo: str, staleness: int, rollout_dtype: str = "float32", bootst
     return name, RLArgs(checkpoint=os.path.join(a.out, "sft"), out=os.path.join(a.out, name), task="arithmetic",
                         algo=algo, steps=a.rl_steps, prompts_per_step=a.prompts, samples_per_prompt=a.samples,
                         max_new_tokens=32, actor_lr=a.actor_lr, critic_lr=a.critic_lr, staleness=staleness,
+                        actor_minibatches=a.actor_minibatches,
                         rollout_dtype=rollout_dtype, num_test_tasks=a.test_tasks, task_ops=a.ops,
-                        eval_every=a.eval_every, eval_samples=a.eval_samples, save_every=a.rl_steps, seed=a.seed,
+                        eval_every=a.eval_every, eval_samples=a.eval_samples, save_every=a.eval_every, seed=a.seed,
                         threads=1, bootstrap_truncated=bootstrap)
 
 
@@ -77,16 +78,21 @@ def plot(summaries: dict[str, dict], out_dir: str) -> list[str]:
 
     os.makedirs(out_dir, exist_ok=True)
     paths = []
-    fig, axes = plt.subplots(2, 3, figsize=(15, 8))
-    panels = [("test_accuracy", "held-out accuracy (greedy)"), ("reward", "rollout reward"),
+    panels = [("test_accuracy", "held-out accuracy (greedy)"), ("test_accuracy_sampled", "held-out accuracy (sampled, T=1)"),
+              ("reward", "rollout reward"),
               ("grad_norm_max", "actor grad norm (max over mini-batches)"), ("entropy", "entropy (nats/token)"),
               ("traj_accept_rate", "MIS-PO trajectory acceptance"), ("mean_abs_log_ratio", "mean |log pi_old/mu|")]
+    if not any(r.get("test_accuracy_sampled") is not None for s in summaries.values() for r in s["records"]):
+        panels.pop(1)
+    fig, axes = plt.subplots(2, (len(panels) + 1) // 2, figsize=(5 * ((len(panels) + 1) // 2), 8))
+    for ax in axes.flat[len(panels):]:
+        ax.axis("off")
     for ax, (key, title) in zip(axes.flat, panels):
         for name, s in summaries.items():
             pts = [(r["step"], r[key]) for r in s["records"] if r.get(key) is not None]
             if pts:
-                ax.plot(*zip(*pts), marker="o" if key == "test_accuracy" else None, ms=3, label=name,
-                        linestyle="--" if "stale" in name and not name.endswith("stale0") else "-")
+                ax.plot(*zip(*pts), marker="o" if key.startswith("test_accuracy") else None, ms=3, label=name,
+                        linestyle="-" if "stale" not in name or "stale0" in name else "--")
         ax.set_title(title)
         ax.set_xlabel("RL step")
         ax.grid(alpha=0.3)
@@ -128,6 +134,8 @@ def main() -> int:
     p.add_argument("--prompts", type=int, default=16)
     p.add_argument("--samples", type=int, default=8)
     p.add_argument("--actor-lr", type=float, default=5e-5)
+    p.add_argument("--actor-minibatches", type=int, default=4,
+                   help="actor updates per rollout batch (1: every update on-policy)")
     p.add_argument("--critic-lr", type=float, default=1e-3)
     p.add_argument("--staleness", type=int, default=4, help="actor updates (4 = one rollout batch old)")
     p.add_argument("--ops", default="+", help="arithmetic operators (1-2 digit operands, 2 terms)")
