@@ -62,7 +62,7 @@ class RLArgs:
     samples_per_prompt: int = field(default=8, metadata={"help": "samples per prompt (the report: 16)"})
     max_new_tokens: int = field(default=64, metadata={"help": "response length limit (longer ones are truncated)"})
     temperature: float = field(default=1.0, metadata={"help": "rollout sampling temperature"})
-    actor_lr: float = field(default=2e-6, metadata={"help": "actor AdamW lr (the report: 2e-6; tiny demos need ~1e-4)"})
+    actor_lr: float = field(default=2e-6, metadata={"help": "actor AdamW lr (the report: 2e-6; the 1M demo: 3e-5 with --actor-minibatches 1)"})
     critic_lr: float = field(default=5e-6, metadata={"help": "critic AdamW lr (the report: 5e-6)"})
     actor_minibatches: int = field(default=4, metadata={"help": "actor updates per rollout batch"})
     critic_minibatches: int = field(default=12, metadata={"help": "critic updates per rollout batch"})
