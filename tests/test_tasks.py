@@ -2,6 +2,7 @@
 earns reward 1, a wrong one 0)."""
 
 import ast
+import json
 import re
 from collections import Counter
 from fractions import Fraction
@@ -9,7 +10,9 @@ from fractions import Fraction
 import pytest
 
 from stepflash.errors import UserError
-from stepflash.rl.tasks import (TASKS, Task, arithmetic_tasks, code_tasks, countdown_tasks, make_tasks, split_of)
+from stepflash.evaluation.tool_env import ENVS
+from stepflash.rl.tasks import (TASKS, Task, arithmetic_tasks, code_tasks, countdown_tasks, make_tasks, split_of,
+                                tool_tasks)
 
 
 def _py_value(expression: str) -> Fraction:
@@ -17,7 +20,7 @@ def _py_value(expression: str) -> Fraction:
     return eval(re.sub(r"\d+", lambda m: f"Fraction({m.group()})", expression), {"Fraction": Fraction})
 
 
-@pytest.mark.parametrize("family", ["arithmetic", "countdown", "code"])
+@pytest.mark.parametrize("family", ["arithmetic", "countdown", "code", "tool"])
 def test_deterministic_from_seed(family):
     a = [t.to_dict() for t in make_tasks(family, 5, seed=3)]
     b = [t.to_dict() for t in make_tasks(family, 5, seed=3)]
@@ -27,7 +30,7 @@ def test_deterministic_from_seed(family):
     assert len({t["key"] for t in a}) == 5  # distinct tasks
 
 
-@pytest.mark.parametrize("family", ["arithmetic", "countdown", "code"])
+@pytest.mark.parametrize("family", ["arithmetic", "countdown", "code", "tool"])
 def test_held_out_split_is_disjoint_and_stable(family):
     train = make_tasks(family, 40, seed=0, split="train")
     test = make_tasks(family, 8, seed=0, split="test")
@@ -78,7 +81,7 @@ def test_code_reference_solutions_pass_and_wrong_ones_fail():
 def test_task_round_trip_and_registry():
     t = countdown_tasks(1, seed=0)[0]
     assert Task.from_dict(t.to_dict()) == t
-    assert set(TASKS) == {"arithmetic", "countdown", "code"}
+    assert set(TASKS) == {"arithmetic", "countdown", "code", "tool"}
     with pytest.raises(UserError, match="unknown task family"):
         make_tasks("sudoku", 1)
     with pytest.raises(UserError, match="split"):
@@ -87,3 +90,44 @@ def test_task_round_trip_and_registry():
         arithmetic_tasks(1, ops="^")
     with pytest.raises(UserError, match="distinct"):
         arithmetic_tasks(30, digits=(1, 1), ops="+", terms=(2, 2), split="test")  # ~10 of the 100 are held out
+
+
+def test_code_templates_option():
+    tasks = code_tasks(12, seed=1, templates=("add_const",))
+    assert {t.meta["template"] for t in tasks} == {"add_const"}
+    for t in tasks[:3]:
+        k = int(t.answer.split("+ ")[1])
+        assert t.meta["statement"] in t.prompt and f"plus {k}" in t.meta["statement"]
+        assert t.reward(f"```python\n{t.answer}```") == 1.0
+        assert t.reward(f"```python\n{t.answer.replace(f'+ {k}', f'+ {k + 1}')}```") == 0.0
+    with pytest.raises(UserError, match="templates"):
+        code_tasks(1, templates=("sorting",))
+
+
+def _reference_reply(call: dict) -> str:
+    params = "".join(f"<parameter={k}>\n{v}\n</parameter>\n" for k, v in call["arguments"].items())
+    return f"ok\n</think>\n<tool_call>\n<function={call['name']}>\n{params}</function>\n</tool_call>"
+
+
+def test_tool_tasks_are_consistent_with_their_env():
+    """The expected call offered, scored 1 by the reward, and running it in the env (independent of the
+    task's own bookkeeping) reaches the goal the eval item will check."""
+    from stepflash.evaluation.tool_env import answer_mentions, state_mismatch
+
+    tasks = tool_tasks(60, seed=2, distractors=1)
+    assert {t.meta["call"]["name"] for t in tasks} == {"kv_get", "kv_set", "kv_delete", "get_balance", "transfer",
+                                                        "freeze_account"}
+    for t in tasks:
+        m = t.meta
+        offered = [s["function"]["name"] for s in m["tools"]]
+        assert m["call"]["name"] in offered and len(offered) == 2 and len(set(offered)) == 2
+        env = ENVS[m["env"]](m["init"])
+        result = json.loads(env.call(m["call"]["name"], m["call"]["arguments"]))
+        assert "error" not in result
+        if "state" in m["goal"]:
+            assert state_mismatch(m["goal"]["state"], env.state) is None
+            assert state_mismatch(m["goal"]["state"], ENVS[m["env"]](m["init"]).state) is not None  # the call matters
+        if "answer" in m["goal"]:
+            assert m["goal"]["answer"] in json.dumps(result) and answer_mentions(m["final"], m["goal"]["answer"])
+        assert t.reward(_reference_reply(m["call"])) == 1.0
+    assert tool_tasks(5, seed=2, distractors=0)[0].meta["tools"].__len__() == 1

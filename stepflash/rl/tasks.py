@@ -1,10 +1,13 @@
 """Procedurally generated, verifiable RL tasks: nothing to download, deterministic from a seed.
 
-Three families, each a function `(n, seed=0, split="train", **options) -> list[Task]`:
+Four families, each a function `(n, seed=0, split="train", **options) -> list[Task]`:
 - `arithmetic_tasks`: multi-digit expressions ("Compute 4821 * 37 + 512."), answer checked by the math reward;
 - `countdown_tasks`: reach a target with given numbers using + - * / (a solution is known to exist: the
   target is built from the numbers), checked by the countdown reward (ast, no eval);
-- `code_tasks`: small function-writing and stdin/stdout problems with tests run in the sandbox.
+- `code_tasks`: small function-writing and stdin/stdout problems with tests run in the sandbox;
+- `tool_tasks`: one request against a small simulated environment (the eval harness's kv and bank envs)
+  that needs exactly one tool call; the task carries the tool schemas offered to the model (`meta["tools"]`,
+  rendered into the system turn by the chat template) and the expected call, checked by the tool_call reward.
 
 Held-out split: every task has a canonical key (its expression, numbers + target, or template +
 parameters); a stable hash of the key puts one task in ten in "test", the rest in "train". A generator keeps
@@ -14,6 +17,7 @@ drawing until it has n distinct tasks of the requested split, so the splits neve
 from __future__ import annotations
 
 import hashlib
+import json
 import random
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -169,6 +173,13 @@ def _code_count_multiples(rng: random.Random, name: str):
             f"by {k}.", ref, tests, f"count_multiples:{name}:{k}")
 
 
+def _code_add_const(rng: random.Random, name: str):
+    k = rng.randint(2, 99)
+    ref = f"def {name}(x):\n    return x + {k}\n"
+    tests = [f"assert {name}({x}) == {x + k}" for x in rng.sample(range(-50, 100), 3)]
+    return f"Write a Python function `{name}(x)` that returns x plus {k}.", ref, tests, f"add_const:{name}:{k}"
+
+
 def _code_io_linear(rng: random.Random, name: str):
     a, b = rng.randint(2, 9), rng.randint(-9, 9)
     ref = f"x, y = map(int, input().split())\nprint({a} * x + y + {b})\n"
@@ -178,24 +189,152 @@ def _code_io_linear(rng: random.Random, name: str):
             f"prints {a}*x + y + ({b}).", ref, tests, f"io_linear:{a}:{b}")
 
 
-_CODE_TEMPLATES = [_code_scale_sum, _code_remove_char, _code_count_multiples, _code_io_linear]
+_CODE_TEMPLATES = {"scale_sum": _code_scale_sum, "remove_char": _code_remove_char,
+                   "count_multiples": _code_count_multiples, "io_linear": _code_io_linear,
+                   "add_const": _code_add_const}
+DEFAULT_CODE_TEMPLATES = ("scale_sum", "remove_char", "count_multiples", "io_linear")
 
 
-def code_tasks(n: int, seed: int = 0, split: str = "train") -> list[Task]:
-    """Small programming tasks with assert or stdin/stdout tests (the reference solution passes them all)."""
+def code_tasks(n: int, seed: int = 0, split: str = "train",
+               templates: tuple[str, ...] = DEFAULT_CODE_TEMPLATES) -> list[Task]:
+    """Small programming tasks with assert or stdin/stdout tests (the reference solution passes them all).
+    `templates` picks the kinds (add_const, the easiest, is off by default); meta["statement"] is the
+    problem without the answer-format sentence."""
+    unknown = [t for t in templates if t not in _CODE_TEMPLATES]
+    if not templates or unknown:
+        raise UserError(f"code templates must be a non-empty subset of {', '.join(_CODE_TEMPLATES)}, got {templates}")
+    makers = [_CODE_TEMPLATES[t] for t in templates]
 
     def draw(rng: random.Random) -> Task:
-        statement, ref, tests, key = rng.choice(_CODE_TEMPLATES)(rng, rng.choice(_NAMES))
+        statement, ref, tests, key = rng.choice(makers)(rng, rng.choice(_NAMES))
         prompt = statement + " Answer with the code in a ```python block."
-        return Task(prompt, ref, "code", {"template": key.split(":")[0]}, tests=tests, key=f"code:{key}")
+        meta = {"template": key.split(":")[0], "statement": statement}
+        return Task(prompt, ref, "code", meta, tests=tests, key=f"code:{key}")
 
     return _collect(n, seed, split, "code", draw)
+
+
+# Tool templates: one request that needs exactly one call against the kv or bank env of the eval harness. Keys,
+# values and account ids are digit strings ("k27", "417", "3021"): digits are single tokens that every domain
+# trains, so a small model can learn to copy them into the call (it did not learn to copy rarer words), and
+# they are quoted so they tokenize as they do in the call's parameter.
+TOOL_SYSTEM = "Use the tools to carry out the request, then say what happened in one sentence."
+
+
+def _key(rng: random.Random) -> str:
+    return f"k{rng.randint(10, 99)}"
+
+
+def _value(rng: random.Random) -> str:
+    return str(rng.randint(100, 999))
+
+
+def _kv_store(rng: random.Random, n: int) -> dict:
+    store = {}
+    while len(store) < n:
+        store[_key(rng)] = _value(rng)
+    return store
+
+
+def _tool_kv_get(rng):
+    store = _kv_store(rng, 3)
+    key = rng.choice(sorted(store))
+    return ("kv", {"store": store}, f"What is stored under the key '{key}'?", ("kv_get", {"key": key}),
+            {"answer": store[key]}, f"The value of '{key}' is {store[key]}.")
+
+
+def _tool_kv_set(rng):
+    store = _kv_store(rng, 2)
+    key, value = rng.choice([*store, _key(rng)]), _value(rng)  # overwrite a key or add one
+    if store.get(key) == value:
+        return None
+    return ("kv", {"store": store}, f"Set the key '{key}' to '{value}'.", ("kv_set", {"key": key, "value": value}),
+            {"state": {"store": {key: value}}}, f"Done: '{key}' is now {value}.")
+
+
+def _tool_kv_delete(rng):
+    store = _kv_store(rng, 3)
+    key = rng.choice(sorted(store))
+    return ("kv", {"store": store}, f"Delete the key '{key}'.", ("kv_delete", {"key": key}),
+            {"state": {"store": {key: None}}}, f"Deleted '{key}'.")
+
+
+def _bank(rng: random.Random) -> dict:
+    accounts = {}
+    while len(accounts) < 3:
+        accounts[str(rng.randint(1000, 9999))] = {"balance": rng.randint(100, 500), "frozen": False}
+    return accounts
+
+
+def _tool_balance(rng):
+    accounts = _bank(rng)
+    name = rng.choice(sorted(accounts))
+    balance = accounts[name]["balance"]
+    return ("bank", {"accounts": accounts}, f"What is the balance of account '{name}'?", ("get_balance", {"account": name}),
+            {"answer": str(balance)}, f"The balance of account {name} is {balance}.")
+
+
+def _tool_transfer(rng):
+    accounts = _bank(rng)
+    source, target = rng.sample(sorted(accounts), 2)
+    amount = rng.randint(1, 99)
+    goal = {"accounts": {source: {"balance": accounts[source]["balance"] - amount},
+                         target: {"balance": accounts[target]["balance"] + amount}}}
+    return ("bank", {"accounts": accounts}, f"Send {amount} from account '{source}' to account '{target}'.",
+            ("transfer", {"source": source, "target": target, "amount": amount}), {"state": goal},
+            f"Sent {amount} from account {source} to account {target}.")
+
+
+def _tool_freeze(rng):
+    accounts = _bank(rng)
+    name = rng.choice(sorted(accounts))
+    return ("bank", {"accounts": accounts}, f"Freeze account '{name}'.", ("freeze_account", {"account": name}),
+            {"state": {"accounts": {name: {"frozen": True}}}}, f"Account {name} is frozen.")
+
+
+_TOOL_TEMPLATES = [_tool_kv_get, _tool_kv_set, _tool_kv_delete, _tool_balance, _tool_transfer, _tool_freeze]
+
+
+def _brief_schema(tool: dict) -> dict:
+    """The env's tool schema without the per-parameter descriptions (their names and types say as much), which
+    would double the prompt of a small model; the function's own description stays."""
+    fn = tool["function"]
+    props = {k: {"type": v["type"]} for k, v in fn["parameters"]["properties"].items()}
+    return {"type": "function", "function": {**fn, "parameters": {**fn["parameters"], "properties": props}}}
+
+
+def tool_tasks(n: int, seed: int = 0, split: str = "train", distractors: int = 1) -> list[Task]:
+    """Single-call tool requests. The model is offered the needed tool and `distractors` other tools of the same
+    env (`_brief_schema`), in random order; meta holds the env, its initial state, the goal (eval harness format), the expected
+    call and a reference final reply. `answer` is the expected call as JSON."""
+    from stepflash.evaluation.tool_env import ENVS
+
+    if distractors < 0:
+        raise UserError(f"distractors must be >= 0, got {distractors}")
+
+    def draw(rng: random.Random) -> Task | None:
+        made = rng.choice(_TOOL_TEMPLATES)(rng)
+        if made is None:
+            return None
+        env, init, request, (name, arguments), goal, final = made
+        schemas = {t["function"]["name"]: _brief_schema(t) for t in ENVS[env].TOOLS}
+        others = [t for t in schemas if t != name]
+        offered = [name] + rng.sample(others, min(distractors, len(others)))
+        rng.shuffle(offered)
+        call = {"name": name, "arguments": arguments}
+        meta = {"env": env, "init": init, "goal": goal, "call": call, "final": final, "system": TOOL_SYSTEM,
+                "tools": [schemas[t] for t in offered]}
+        key = "tool:" + json.dumps([request, init, offered], sort_keys=True)
+        return Task(request, json.dumps(call, sort_keys=True), "tool_call", meta, key=key)
+
+    return _collect(n, seed, split, "tool", draw)
 
 
 TASKS: dict[str, Callable[..., list[Task]]] = {
     "arithmetic": arithmetic_tasks,
     "countdown": countdown_tasks,
     "code": code_tasks,
+    "tool": tool_tasks,
 }
 
 

@@ -7,7 +7,8 @@ last `</think>` is graded (`strip_reasoning`). Rewards never raise on a malforme
 they raise only when the task itself is unusable (no reference) or the sandbox cannot run.
 
 Built in: "math" (final answer vs reference with math_verify), "arithmetic" (the same), "code" (tests in the
-sandbox, fraction passed), "countdown" (expression check). "preference" needs a trained reward model, so it
+sandbox, fraction passed), "countdown" (expression check), "tool_call" (the reply's one XML tool call equals
+the expected function and arguments). "preference" needs a trained reward model, so it
 is registered by the caller: `REWARDS["preference"] = PreferenceReward(rm, tokenizer)`.
 Domains are mixed by sampling tasks, not by summing rewards (SPEC section 7).
 """
@@ -45,12 +46,14 @@ def strip_reasoning(completion: str) -> str:
 from stepflash.rl.rewards.code_verifier import code_reward  # noqa: E402
 from stepflash.rl.rewards.math_verifier import math_reward  # noqa: E402
 from stepflash.rl.rewards.countdown import countdown_reward  # noqa: E402
+from stepflash.rl.rewards.tool_call import tool_call_reward  # noqa: E402
 
 REWARDS: dict[str, RewardFn] = {
     "math": math_reward,
     "arithmetic": math_reward,
     "code": code_reward,
     "countdown": countdown_reward,
+    "tool_call": tool_call_reward,
 }
 
 
@@ -61,4 +64,4 @@ def get_reward(name: str) -> RewardFn:
 
 
 __all__ = ["REWARDS", "RewardFn", "get_reward", "strip_reasoning", "task_field", "code_reward", "math_reward",
-           "countdown_reward"]
+           "countdown_reward", "tool_call_reward"]

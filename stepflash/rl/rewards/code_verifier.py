@@ -10,13 +10,18 @@ the whole answer if there is no block). Tests (`task_field(prompt, "tests")`) ar
   would have to dig it out of the driver's frame), so a program that prints fake results or exits early
   (`sys.exit(0)`, `os._exit(0)`) passes nothing. A statement that hangs ends the run at the timeout;
   the statements before it keep their verdicts.
+
+`code_reward` (RL) skips the sandbox for a program that does not compile (it would fail every test) and
+remembers the verdicts of the last few thousand (program, tests) pairs; `run_tests` (eval) always runs.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import re
 import secrets
+from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -112,6 +117,35 @@ def run_tests(code: str, tests: Sequence[str | Mapping], limits: SandboxLimits |
     return [verdicts[i] for i in range(len(tests))]
 
 
+def compiles(code: str) -> bool:
+    """Does the program parse? Compiling runs nothing, and a program that does not parse fails every test in
+    the sandbox too (a crash fails io tests, a failed import fails asserts), so RL skips the subprocess."""
+    try:
+        compile(code, "solution.py", "exec", dont_inherit=True)
+    except (SyntaxError, ValueError, RecursionError, MemoryError, OverflowError):
+        return False
+    return True
+
+
+_VERDICTS: OrderedDict[tuple, tuple[bool, ...]] = OrderedDict()  # (code, tests, timeout) -> verdicts, LRU
+_VERDICTS_MAX = 4096
+
+
+def _cached_run(code: str, tests: list, timeout: float) -> tuple[bool, ...]:
+    """run_tests, remembered per (program, tests): RL samples of a sharpening policy repeat programs a lot,
+    and each sandbox run costs a process start."""
+    key = (code, json.dumps(tests, sort_keys=True), timeout)
+    if key in _VERDICTS:
+        _VERDICTS.move_to_end(key)
+        return _VERDICTS[key]
+    verdicts = tuple(run_tests(code, tests, SandboxLimits(timeout_s=timeout)) if compiles(code)
+                     else [False] * len(tests))
+    _VERDICTS[key] = verdicts
+    if len(_VERDICTS) > _VERDICTS_MAX:
+        _VERDICTS.popitem(last=False)
+    return verdicts
+
+
 def code_reward(prompt: Any, completion: str) -> float:
     """Fraction of the task's tests the completion's program passes (0.0 to 1.0)."""
     tests = task_field(prompt, "tests")
@@ -119,6 +153,10 @@ def code_reward(prompt: Any, completion: str) -> float:
         raise UserError("a code task needs a non-empty list of 'tests'")
     if isinstance(tests, (str, Mapping)):
         tests = [tests]
+    for i, t in enumerate(tests):  # checked before the cache so a bad task fails on every call
+        if not isinstance(t, (str, Mapping)):
+            raise UserError(f"test {i} must be an assert statement (str) or an {{'input', 'output'}} dict, "
+                            f"got {type(t).__name__}")
     timeout = float(task_field(prompt, "timeout_s", SandboxLimits.timeout_s))
-    passed = run_tests(extract_code(completion), list(tests), SandboxLimits(timeout_s=timeout))
+    passed = _cached_run(extract_code(completion), list(tests), timeout)
     return sum(passed) / len(passed)

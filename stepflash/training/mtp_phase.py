@@ -1,0 +1,206 @@
+"""The late MTP phase of the report: clone MTP module 1 into modules 2 and 3, then train the three jointly.
+
+Pre-training (and our SFT) trains only the first MTP module (depth weights [1, 0, 0]); the report then
+copies it into the second and third and trains all three together in a short final phase, so the chain
+can draft three tokens. Here:
+- `clone_mtp_modules` copies module 1's weights (block, enorm/hnorm, eh_proj, its own head) into the
+  others; a copy starts as a fair guess for token t+3 and t+4, far better than the untrained modules;
+- `train_mtp_phase` trains only the MTP layers on chat conversations (assistant tokens only, the ones
+  drafts are made for) with the teacher-forced chain loss, trunk, embedding and lm_head frozen, so the
+  model's own outputs cannot change (greedy generation is bit-identical before and after);
+- `accepted_length` measures what the phase is for: the mean number of draft tokens the engine's
+  speculative decoding (greedy, k drafts) accepts per verify step on held-out prompts.
+
+`python -m stepflash.training.mtp_phase CHECKPOINT --data convs.jsonl --out DIR` runs it on its own.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from stepflash.errors import UserError
+
+
+# ---- the pieces ---------------------------------------------------------------------------------
+
+@torch.no_grad()
+def clone_mtp_modules(model, src: int = 0) -> None:
+    """Copy MTP module `src` (0-based; the report's module 1) into every other MTP module."""
+    layers = model.mtp_layers
+    if len(layers) < 2:
+        raise UserError(f"cloning needs at least 2 MTP modules; the model has {len(layers)} "
+                        "(num_nextn_predict_layers in config.json)")
+    state = layers[src].state_dict()
+    for j, layer in enumerate(layers):
+        if j != src:
+            layer.load_state_dict(state)
+
+
+def mtp_parameters(model) -> list[torch.nn.Parameter]:
+    return [p for layer in model.mtp_layers for p in layer.parameters()]
+
+
+def masked_mtp_losses(model, ids: torch.Tensor, target_mask: torch.Tensor, h: torch.Tensor,
+                      depth: int | None = None) -> list[torch.Tensor]:
+    """Cross entropy of MTP modules 0..depth-1 over target tokens, each a scalar.
+
+    ids [B, S] (a padded batch), target_mask [B, S-1] (1 where ids[:, t+1] is a trained token, as `sft_batch`
+    makes it), h = model.trunk(ids[:, :-1]) [B, S-1, hidden]. Module j at position t predicts ids[:, t+2+j]
+    (`objective.mtp_targets` on the window ids); its mask is target_mask[:, 1+j:]."""
+    inputs = ids[:, :-1]  # [B, T]
+    T = inputs.shape[1]
+    depth = len(model.mtp_layers) if depth is None else min(depth, len(model.mtp_layers))
+    pos = model.default_positions(inputs)
+    losses, z = [], h
+    for j in range(depth):
+        n = T - 1 - j  # positions with a target
+        if n <= 0:
+            break
+        z, logits = model.mtp(j, inputs[:, 1 + j:], z[:, :n], pos[:, :n])  # [B, n, V]
+        ce = F.cross_entropy(logits.float().transpose(1, 2), ids[:, 2 + j:], reduction="none")  # [B, n]
+        mask = target_mask[:, 1 + j:]
+        losses.append((ce * mask).sum() / mask.sum().clamp(min=1))
+    return losses
+
+
+@torch.no_grad()
+def accepted_length(model, prompts: list[list[int]], k: int = 3, max_new_tokens: int = 48,
+                    stop_ids: tuple[int, ...] = (), batch_size: int = 32) -> dict:
+    """Greedy MTP speculative decoding with k drafts on `prompts`: mean accepted drafts per verify step
+    (0..k), the acceptance rate of each draft position, and tokens emitted per trunk forward."""
+    from stepflash.inference.engine import Engine
+
+    if k < 1 or k > len(model.mtp_layers):
+        raise UserError(f"k must be in 1..{len(model.mtp_layers)} (the model's MTP modules), got {k}")
+    was_training = model.training
+    engine = Engine(model, max_batch_size=batch_size)
+    accepted = steps = 0
+    pos_acc, pos_tried = [0.0] * k, [0.0] * k
+    for i in range(0, len(prompts), batch_size):
+        for r in engine.generate(prompts[i:i + batch_size], max_new_tokens, temperature=0.0,
+                                 stop_token_ids=stop_ids, speculative_tokens=k):
+            s = r.stats
+            accepted += s["mean_accepted"] * s["verify_steps"]
+            steps += s["verify_steps"]
+            # acceptance_per_position is accepted/tried per position; weight by verify steps as an estimate
+            for j, rate in enumerate(s["acceptance_per_position"][:k]):
+                pos_acc[j] += rate * s["verify_steps"]
+                pos_tried[j] += s["verify_steps"]
+    model.train(was_training)
+    mean = accepted / steps if steps else 0.0
+    return {"k": k, "mean_accepted": mean, "tokens_per_step": 1.0 + mean, "verify_steps": steps,
+            "acceptance_per_position": [a / t if t else 0.0 for a, t in zip(pos_acc, pos_tried)]}
+
+
+def train_mtp_phase(model, examples: list[tuple[list[int], list[int]]], pad_id: int, steps: int = 100,
+                    lr: float = 1e-3, batch_size: int = 16, depth_weights=(1.0, 1.0, 1.0), seed: int = 0,
+                    log=print, log_every: int = 20) -> list[float]:
+    """Train only the MTP layers (trunk, embedding, lm_head frozen) on tokenized conversations
+    [(ids, assistant_mask)] with the weighted chain loss; returns the per-step losses."""
+    from stepflash.rl.sft import sft_batch
+
+    if steps < 1 or batch_size < 1:
+        raise UserError("MTP phase steps and batch size must be >= 1")
+    trainable = set(map(id, mtp_parameters(model)))
+    for p in model.parameters():
+        p.requires_grad_(id(p) in trainable)
+    params = mtp_parameters(model)
+    opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
+    weights = list(depth_weights)[: len(model.mtp_layers)]
+    rng = random.Random(seed)
+    order: list[int] = []
+    losses, t0 = [], time.time()
+    model.train()
+    for step in range(steps):
+        for g in opt.param_groups:  # short warmup, then linear decay to 10%
+            g["lr"] = lr * min(1.0, (step + 1) / 10) * (1.0 - 0.9 * step / steps)
+        if len(order) < batch_size:
+            order += rng.sample(range(len(examples)), len(examples))
+        batch, order = [examples[i] for i in order[:batch_size]], order[batch_size:]
+        ids, mask = sft_batch(batch, pad_id)
+        with torch.no_grad():
+            h = model.trunk(ids[:, :-1])
+        parts = masked_mtp_losses(model, ids, mask, h, depth=len(weights))
+        loss = sum(w * x for w, x in zip(weights, parts)) / sum(weights[: len(parts)])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        losses.append(loss.item())
+        if log_every and (step + 1) % log_every == 0:
+            log(f"mtp phase step {step + 1}/{steps} loss {sum(losses[-log_every:]) / log_every:.4f} "
+                f"(per module {' '.join(f'{x.item():.3f}' for x in parts)}, {time.time() - t0:.0f}s)")
+    for p in model.parameters():
+        p.requires_grad_(True)
+    return losses
+
+
+# ---- on its own ---------------------------------------------------------------------------------
+
+@dataclass
+class MTPPhaseArgs:
+    """Clone MTP module 1 into the others and train all MTP modules jointly (trunk frozen)."""
+
+    checkpoint: str = field(metadata={"positional": True, "help": "checkpoint directory (with tokenizer.json)"})
+    data: str = field(default="", metadata={"help": "JSONL of {\"messages\": [...]} conversations"})
+    out: str = field(default="", metadata={"help": "output checkpoint directory"})
+    steps: int = field(default=100, metadata={"help": "optimizer steps"})
+    lr: float = field(default=1e-3, metadata={"help": "peak AdamW learning rate"})
+    batch_size: int = field(default=16, metadata={"help": "conversations per step"})
+    no_clone: bool = field(default=False, metadata={"help": "train the modules as they are, without cloning"})
+    eval_prompts: int = field(default=64, metadata={"help": "held-out conversations whose prompts measure "
+                                                             "the accepted draft length"})
+    max_len: int = field(default=512, metadata={"help": "truncate conversations to this many tokens"})
+    seed: int = field(default=0, metadata={"help": "random seed"})
+    threads: int = field(default=0, metadata={"help": "torch CPU threads (0: torch's default)"})
+
+
+def run(args: MTPPhaseArgs) -> int:
+    from stepflash.chat import ChatTemplate
+    from stepflash.checkpoint import load_model
+    from stepflash.rl.sft import read_conversations, save_checkpoint_dir, tokenize_conversation
+    from stepflash.tokenizer import load_tokenizer
+
+    if not args.out or not args.data:
+        raise UserError("--data and --out are required")
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    model = load_model(args.checkpoint, dtype=torch.float32)
+    tok, template = load_tokenizer(args.checkpoint), ChatTemplate.from_checkpoint(args.checkpoint)
+    convs = read_conversations(args.data)
+    random.Random(args.seed).shuffle(convs)
+    held, train = convs[: args.eval_prompts], convs[args.eval_prompts:] or convs
+    prompts = [tok.encode(template.render(c["messages"][:-1], tools=c.get("tools")), add_special_tokens=False).ids
+               for c in held if len(c["messages"]) > 1]
+    stop = tuple(i for i in (tok.token_to_id("<|im_end|>"), tok.token_to_id("<|eos|>")) if i is not None)
+    k = len(model.mtp_layers)
+    before = accepted_length(model, prompts, k, stop_ids=stop) if prompts else None
+    if not args.no_clone:
+        clone_mtp_modules(model)
+    examples = [tokenize_conversation(tok, template, c, args.max_len) for c in train]
+    train_mtp_phase(model, examples, tok.token_to_id("<|pad|>") or 0, args.steps, args.lr, args.batch_size,
+                    seed=args.seed)
+    after = accepted_length(model, prompts, k, stop_ids=stop) if prompts else None
+    save_checkpoint_dir(model, tok, args.out)
+    if before and after:
+        print(f"mean accepted drafts (k={k}): {before['mean_accepted']:.3f} -> {after['mean_accepted']:.3f}")
+    print(f"mtp phase done; checkpoint in {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    import sys
+
+    from stepflash.cli import build_parser
+
+    ns = build_parser("mtp-phase", MTPPhaseArgs).parse_args()
+    try:
+        sys.exit(run(MTPPhaseArgs(**vars(ns))))
+    except (UserError, FileNotFoundError) as e:
+        print(f"mtp phase: error: {e}", file=sys.stderr)
+        sys.exit(2)
