@@ -54,7 +54,7 @@ class RLArgs:
 
     checkpoint: str = field(metadata={"positional": True, "help": "policy checkpoint (with tokenizer.json)"})
     out: str = field(default="", metadata={"help": "run directory (metrics.jsonl, checkpoints/); resumes if present"})
-    task: str = field(default="arithmetic", metadata={"help": "arithmetic, countdown, code or math (math needs --data)"})
+    task: str = field(default="arithmetic", metadata={"help": "arithmetic, countdown, code, tool or math (math needs --data)"})
     algo: str = field(default="mispo", metadata={"help": "mispo, ppo or grpo"})
     data: str | None = field(default=None, metadata={"help": "math: JSONL of {\"prompt\", \"answer\"} problems"})
     steps: int = field(default=50, metadata={"help": "rollout batches (one actor + critic epoch each)"})
