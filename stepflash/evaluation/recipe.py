@@ -122,25 +122,14 @@ def done(path: str) -> bool:
     return os.path.isfile(os.path.join(path, "config.json"))
 
 
-def publish_model(model, tokenizer_src: str, out: str) -> None:
-    """Weights + config, and the tokenizer files (chat template included) copied from `tokenizer_src`, written
-    to out.tmp and renamed to `out`: a stage directory exists only when complete."""
-    from stepflash.checkpoint import save_model
-    from stepflash.tokenizer import save_tokenizer
-
-    tmp = out + ".tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    save_model(model, tmp)
-    save_tokenizer(tokenizer_src, tmp)
-    os.replace(tmp, out)
-
-
 def publish_dir(src: str, out: str) -> None:
     """Copy a checkpoint directory (without trainer state) to out.tmp, then rename it to `out`."""
+    from stepflash.training.checkpointing import replace_dir
+
     tmp = out + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     shutil.copytree(src, tmp, ignore=shutil.ignore_patterns("trainer_state.pt"))
-    os.replace(tmp, out)
+    replace_dir(tmp, out)
 
 
 # ---- stages -----------------------------------------------------------------------------------------
@@ -151,6 +140,7 @@ def stage_sft(ctx: Context, out: str) -> None:
         return
     from stepflash.evaluation.recipe_stages import build_demo_start, reference_examples
     from stepflash.evaluation.recipe_train import train_supervised
+    from stepflash.rl.sft import save_checkpoint_dir
 
     a = ctx.args
     model, tok, template, tok_dir = build_demo_start(ctx.train, ctx.path("work", "tokenizer"), a.seed)
@@ -159,7 +149,7 @@ def stage_sft(ctx: Context, out: str) -> None:
     examples = reference_examples(ctx.train, tok, template, model.config.max_position_embeddings)
     train_supervised(model, examples, tok.token_to_id("<|pad|>") or 0, a.sft_steps, a.sft_lr, a.batch_size,
                      mtp_weight=a.mtp_weight, seed=a.seed, log=ctx.say, log_every=100)
-    publish_model(model, tok_dir, out)
+    save_checkpoint_dir(model, tok_dir, out)
 
 
 def rl_stage(ctx: Context, name: str, start: str, tasks: list, algo: str, steps: int, lr: float) -> None:

@@ -208,22 +208,17 @@ def load_start(checkpoint: str, texts: list[str], seed: int):
 
 
 def save_checkpoint_dir(model, tok, out: str) -> None:
-    """Weights, config and tokenizer into a temporary sibling directory, then renamed to `out`."""
+    """Weights, config and tokenizer (a Tokenizer, or the path of one to copy) into a temporary sibling directory, then renamed to `out`."""
     from stepflash.checkpoint import save_model
     from stepflash.tokenizer import save_tokenizer
+    from stepflash.training.checkpointing import replace_dir
 
     out = os.path.abspath(out)
-    tmp, old = out + ".tmp", out + ".old"
+    tmp = out + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     save_model(model, tmp)
     save_tokenizer(tok, tmp)
-    if os.path.exists(out):
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(out, old)
-        os.replace(tmp, out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, out)
+    replace_dir(tmp, out)
 
 
 def train_sft(args: SFTArgs) -> dict:

@@ -71,18 +71,24 @@ def save_checkpoint(run_dir: str, step: int, model, trainer_state: dict, tokeniz
     return _publish(run_dir, name, keep)
 
 
+def replace_dir(tmp: str, final: str) -> None:
+    """Make the complete directory `tmp` become `final`, replacing any `final` already there: the old one is
+    moved aside first, so at every moment `final` is either the old or the new complete directory."""
+    if not os.path.exists(final):
+        os.replace(tmp, final)
+        return
+    old = os.path.join(os.path.dirname(final), ".old-" + os.path.basename(final))
+    shutil.rmtree(old, ignore_errors=True)
+    os.replace(final, old)
+    os.replace(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
 def _publish(run_dir: str, name: str, keep: int) -> str:
     """Rename the complete .tmp-<name> to <name>, point `latest` at it and prune; returns its path."""
     root = checkpoints_root(run_dir)
-    final, tmp = os.path.join(root, name), os.path.join(root, f".tmp-{name}")
-    if os.path.exists(final):  # re-saving a step (after a resume): move the old one aside first
-        old = os.path.join(root, f".old-{name}")
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(final, old)
-        os.replace(tmp, final)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, final)
+    final = os.path.join(root, name)
+    replace_dir(os.path.join(root, f".tmp-{name}"), final)  # re-saving a step after a resume replaces it
     with open(os.path.join(root, "latest.tmp"), "w") as f:
         f.write(name + "\n")
     os.replace(os.path.join(root, "latest.tmp"), os.path.join(root, "latest"))
