@@ -27,7 +27,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from stepflash.config import PRESETS, flash  # noqa: E402
 from stepflash.inference.engine import Engine, SamplingParams  # noqa: E402
 from stepflash.inference.kv_cache import cache_bytes  # noqa: E402
-from stepflash.interop import release_to_hf  # noqa: E402
+from stepflash.checkpoint.hf import release_to_hf  # noqa: E402
 from stepflash.model import Step35ForCausalLM  # noqa: E402
 
 

@@ -155,7 +155,7 @@ def main() -> int:
     import torch
 
     torch.set_num_threads(1)
-    from stepflash.rl.sft import SFTArgs, train_sft
+    from stepflash.posttrain.sft import SFTArgs, train_sft
 
     t0 = time.time()
     if not os.path.isfile(os.path.join(a.out, "sft", "config.json")):

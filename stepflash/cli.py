@@ -29,12 +29,12 @@ VERBS: dict[str, tuple[str, str, str]] = {
     "train": ("stepflash.training.loop", "TrainArgs", "pre-train a model (MoE balancing, MTP loss, monitors)"),
     "plot": ("stepflash.plot", "PlotArgs", "draw a run's metrics.jsonl to PNG"),
     "serve": ("stepflash.server.app", "ServeArgs", "OpenAI-compatible HTTP server"),
-    "sft": ("stepflash.rl.sft", "SFTArgs", "supervised fine-tuning on chat conversations"),
-    "rm train": ("stepflash.rl.reward_model", "RMTrainArgs", "train a Bradley-Terry preference reward model"),
+    "sft": ("stepflash.posttrain.sft", "SFTArgs", "supervised fine-tuning on chat conversations"),
+    "rm train": ("stepflash.posttrain.reward_model", "RMTrainArgs", "train a Bradley-Terry preference reward model"),
     "rl": ("stepflash.rl.trainer", "RLArgs", "RL post-training: MIS-PO, PPO or GRPO"),
     "eval": ("stepflash.evaluation.harness", "EvalArgs", "score a checkpoint or predictions on math/code/tool tasks"),
-    "recipe": ("stepflash.evaluation.recipe", "RecipeArgs", "the report's specialise-then-consolidate post-training recipe"),
-    "convert": ("stepflash.distributed.convert", "ConvertArgs", "convert between DCP and safetensors checkpoints"),
+    "recipe": ("stepflash.posttrain.recipe", "RecipeArgs", "the report's specialise-then-consolidate post-training recipe"),
+    "convert": ("stepflash.checkpoint.convert", "ConvertArgs", "convert between DCP and safetensors checkpoints"),
     "plan": ("stepflash.distributed.plan", "PlanArgs", "memory plan per GPU for training and inference"),
 }
 

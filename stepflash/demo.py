@@ -113,7 +113,7 @@ def _generate(ckpt_path: str, prompt: str, max_new_tokens: int, temperature: flo
 
 def demo(args: DemoArgs) -> dict:
     from stepflash.config import resolve_config
-    from stepflash.training import checkpointing as ckpt
+    from stepflash.checkpoint import run as ckpt
     from stepflash.training.data import TokenShards, validation_batches
     from stepflash.training.loop import TrainArgs, build_model, default_data_dir, train
     from stepflash.training.objective import evaluate

@@ -25,9 +25,10 @@ from stepflash.checkpoint import load_model, save_model
 from stepflash.config import tiny
 from stepflash.distributed import (ExpertParallelMoE, build_mesh, clip_grad_norm_, data_shard, expert_groups,
                                    full_state_dict, gather_model, global_expert_counts, init_distributed,
-                                   load_checkpoint, parallelize, save_checkpoint)
-from stepflash.distributed.convert import ConvertArgs
-from stepflash.distributed.convert import run as convert
+                                   parallelize)
+from stepflash.checkpoint.dcp import load_checkpoint, save_checkpoint
+from stepflash.checkpoint.convert import ConvertArgs
+from stepflash.checkpoint.convert import run as convert
 from stepflash.errors import UserError
 from stepflash.model import Step35ForCausalLM
 

@@ -25,7 +25,7 @@ import torch
 
 from stepflash.errors import UserError
 from stepflash.rl.rollout import task_reward
-from stepflash.rl.tasks import Task
+from stepflash.tasks.generators import Task
 from stepflash.rl.trainer import RLArgs, _train_rl, train_rl
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -87,7 +87,7 @@ def assert_same_weights(out_a, out_b) -> None:
     """Policy weights of the latest checkpoints (and the critic, when there is one) up to AdamW's
     amplification of last-bit gradient differences."""
     from stepflash.checkpoint import load_model
-    from stepflash.training.checkpointing import STATE_FILE, latest_checkpoint
+    from stepflash.checkpoint.run import STATE_FILE, latest_checkpoint
 
     pa, pb = latest_checkpoint(str(out_a)), latest_checkpoint(str(out_b))
     assert os.path.basename(pa) == os.path.basename(pb)

@@ -24,8 +24,8 @@ import pytest
 import stepflash
 from stepflash.distributed.launch import check_expert_parallel
 from stepflash.errors import UserError
-from stepflash.rl.sft import SFTArgs, train_sft
-from stepflash.training import checkpointing
+from stepflash.posttrain.sft import SFTArgs, train_sft
+from stepflash.checkpoint import run as checkpointing
 from stepflash.training.loop import Parallel, TrainArgs, train
 from stepflash.training.optimizer import resolve_optimizer
 

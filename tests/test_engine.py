@@ -10,7 +10,7 @@ from stepflash.errors import UserError
 from stepflash.inference.cli import GenerateArgs, run
 from stepflash.inference.engine import Engine, SamplingParams
 from stepflash.inference.sampling import target_probs
-from stepflash.interop import hf_to_release
+from stepflash.checkpoint.hf import hf_to_release
 from stepflash.model import Step35ForCausalLM
 
 

@@ -12,7 +12,7 @@ from stepflash.evaluation import (ENVS, Verdict, load_items, pass_at_k, run_epis
                                   score_math, start_episode, summarize)
 from stepflash.evaluation.harness import EvalArgs, evaluate
 from stepflash.evaluation.scoring import k_values
-from stepflash.evaluation.tool_env import answer_mentions, state_mismatch
+from stepflash.tasks.tool_env import answer_mentions, state_mismatch
 from stepflash.evaluation.tool_eval import replay
 
 

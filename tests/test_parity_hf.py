@@ -10,7 +10,7 @@ import torch
 
 import stepflash
 from stepflash.config import make_config
-from stepflash.interop import hf_to_release, release_to_hf
+from stepflash.checkpoint.hf import hf_to_release, release_to_hf
 
 step3p7 = pytest.importorskip("transformers.models.step3p7")
 

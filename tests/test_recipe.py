@@ -12,13 +12,13 @@ import torch.nn.functional as F
 from stepflash.chat import ChatTemplate
 from stepflash.errors import UserError
 from stepflash.evaluation.harness import EvalArgs, evaluate
-from stepflash.evaluation.recipe_data import DOMAINS, compact_chat_template, domain_tasks, write_eval_set
-from stepflash.evaluation.recipe_train import distill_kl
+from stepflash.posttrain.recipe_data import DOMAINS, compact_chat_template, domain_tasks, write_eval_set
+from stepflash.posttrain.recipe_train import distill_kl
 from stepflash.model import Step35ForCausalLM
-from stepflash.rl.rewards import REWARDS
+from stepflash.tasks.rewards import REWARDS
 from stepflash.rl.rollout import render_task
-from stepflash.rl.tasks import Task, tool_tasks
-from stepflash.training.mtp_phase import clone_mtp_modules, masked_mtp_losses, train_mtp_phase
+from stepflash.tasks.generators import Task, tool_tasks
+from stepflash.posttrain.mtp_phase import clone_mtp_modules, masked_mtp_losses, train_mtp_phase
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -177,7 +177,7 @@ def test_distill_kl_matches_torch_kl_div():
 def test_supervised_training_with_mtp_module_1_and_distillation(tiny_config):
     """The SFT/consolidation loss: CE and module-1 MTP loss fall, modules 2-3 stay put (depth weights [1, 0, 0]),
     and the KL term pulls the student towards a (sharp) teacher compared with the same run without it."""
-    from stepflash.evaluation.recipe_train import supervised_loss, train_supervised
+    from stepflash.posttrain.recipe_train import supervised_loss, train_supervised
 
     torch.manual_seed(1)
     teacher = Step35ForCausalLM(tiny_config).float().eval()
@@ -211,7 +211,7 @@ TINY = ["demo", "--train-tasks", "40", "--test-tasks", "3", "--sft-steps", "3", 
 @pytest.mark.slow
 def test_tiny_recipe_end_to_end_and_resume(tmp_path, capsys):
     from stepflash import cli
-    from stepflash.evaluation.recipe import STAGES
+    from stepflash.posttrain.recipe import STAGES
 
     out = str(tmp_path / "recipe")
     assert cli.main(["recipe", *TINY, "--out", out]) == 0

@@ -12,12 +12,12 @@ from stepflash import cli
 from stepflash.config import tiny
 from stepflash.errors import UserError
 from stepflash.model import Step35ForCausalLM
-from stepflash.rl.rewards import REWARDS, get_reward, strip_reasoning, task_field
-from stepflash.rl.rewards.code_verifier import extract_code, run_tests
-from stepflash.rl.rewards.countdown import countdown_reward, safe_eval
-from stepflash.rl.rewards.math_verifier import answers_match, extract_answer, math_reward
-from stepflash.rl.rewards.preference import PreferenceReward
-from stepflash.rl.reward_model import RewardModel, bt_loss, collate, train_step
+from stepflash.tasks.rewards import REWARDS, get_reward, strip_reasoning, task_field
+from stepflash.tasks.rewards.code_verifier import extract_code, run_tests
+from stepflash.tasks.rewards.countdown import countdown_reward, safe_eval
+from stepflash.tasks.rewards.math_verifier import answers_match, extract_answer, math_reward
+from stepflash.posttrain.preference import PreferenceReward
+from stepflash.posttrain.reward_model import RewardModel, bt_loss, collate, train_step
 
 # ---- math ---------------------------------------------------------------------------------------
 
@@ -133,7 +133,7 @@ def test_code_infinite_loop_times_out_and_keeps_earlier_verdicts():
 
 
 def test_code_reward_skips_the_sandbox_for_unparsable_programs_and_remembers_verdicts(monkeypatch):
-    from stepflash.rl.rewards import code_verifier
+    from stepflash.tasks.rewards import code_verifier
 
     broken = "def add(a, b) return a + b"
     assert run_tests(broken, ADD_TESTS) == [False] * 4  # the sandbox's own verdict, which the shortcut must equal

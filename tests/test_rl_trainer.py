@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from stepflash.rl.rollout import RolloutWorker, pack
-from stepflash.rl.tasks import Task
+from stepflash.tasks.generators import Task
 from stepflash.rl.trainer import RLArgs, train_rl
 
 
@@ -106,7 +106,7 @@ def test_pack_aligns_mu_with_scored_tokens():
 
 def test_resume_equals_uninterrupted_run(ckpt, tmp_path):
     from stepflash.checkpoint import load_model
-    from stepflash.training.checkpointing import latest_checkpoint
+    from stepflash.checkpoint.run import latest_checkpoint
 
     full = tmp_path / "full"
     run(args(ckpt, full, steps=3, save_every=1, staleness=1))

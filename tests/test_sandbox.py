@@ -9,7 +9,7 @@ import uuid
 import pytest
 
 from stepflash.errors import UserError
-from stepflash.rl.sandbox import SandboxLimits, isolation_level, run_python
+from stepflash.tasks.sandbox import SandboxLimits, isolation_level, run_python
 
 LEVELS = ["process"] + (["namespaces"] if isolation_level() == "namespaces" else [])
 needs_namespaces = pytest.mark.skipif(isolation_level() != "namespaces", reason="no user namespaces here")

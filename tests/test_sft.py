@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from stepflash.chat import render_chat
-from stepflash.rl.sft import (SFTArgs, assistant_spans, build_task_tokenizer, encode_with_mask, sft_batch, sft_loss,
+from stepflash.posttrain.sft import (SFTArgs, assistant_spans, build_task_tokenizer, encode_with_mask, sft_batch, sft_loss,
                               task_conversations, train_sft)
 
 CONV = [

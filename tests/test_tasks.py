@@ -10,8 +10,8 @@ from fractions import Fraction
 import pytest
 
 from stepflash.errors import UserError
-from stepflash.evaluation.tool_env import ENVS
-from stepflash.rl.tasks import (TASKS, Task, arithmetic_tasks, code_tasks, countdown_tasks, make_tasks, split_of,
+from stepflash.tasks.tool_env import ENVS
+from stepflash.tasks.generators import (TASKS, Task, arithmetic_tasks, code_tasks, countdown_tasks, make_tasks, split_of,
                                 tool_tasks)
 
 
@@ -112,7 +112,7 @@ def _reference_reply(call: dict) -> str:
 def test_tool_tasks_are_consistent_with_their_env():
     """The expected call offered, scored 1 by the reward, and running it in the env (independent of the
     task's own bookkeeping) reaches the goal the eval item will check."""
-    from stepflash.evaluation.tool_env import answer_mentions, state_mismatch
+    from stepflash.tasks.tool_env import answer_mentions, state_mismatch
 
     tasks = tool_tasks(60, seed=2, distractors=1)
     assert {t.meta["call"]["name"] for t in tasks} == {"kv_get", "kv_set", "kv_delete", "get_balance", "transfer",

@@ -9,7 +9,7 @@ import stepflash
 from stepflash.config import tiny
 from stepflash.errors import UserError
 from stepflash.model import Step35ForCausalLM
-from stepflash.training import checkpointing
+from stepflash.checkpoint import run as checkpointing
 from stepflash.training.loop import TrainArgs, TrainingDiverged, train
 from stepflash.training.objective import compute_loss, mtp_targets
 from stepflash.training.optimizer import Muon, lr_factor, orthogonalize

@@ -1,6 +1,6 @@
 """Code items: the prompt the model sees and the verdict on its completion.
 
-Grading is the RL code reward's (`stepflash.rl.rewards.code_verifier`): the last fenced python block is
+Grading is the RL code reward's (`stepflash.tasks.rewards.code_verifier`): the last fenced python block is
 run in the sandbox against the item's tests, stdin/stdout pairs ({"input", "output"}, compared token by
 token) and assert statements (LiveCodeBench style), each test under `timeout_s` (item field, default 2 s).
 An item is solved when every test passes; the score is the fraction passed. A program that hangs, crashes
@@ -10,8 +10,8 @@ or prints the wrong thing fails the tests it touches; a sandbox that cannot star
 from __future__ import annotations
 
 from stepflash.evaluation.scoring import Verdict
-from stepflash.rl.rewards.code_verifier import extract_code, run_tests
-from stepflash.rl.sandbox import SandboxLimits
+from stepflash.tasks.rewards.code_verifier import extract_code, run_tests
+from stepflash.tasks.sandbox import SandboxLimits
 
 IO_INSTRUCTION = ("Write a complete Python 3 program that reads the input from standard input and writes the "
                   "answer to standard output. Put the program in one ```python code block.")

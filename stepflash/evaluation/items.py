@@ -69,7 +69,7 @@ def load_items(task: str, path: str | None = None, limit: int = 0) -> list[dict]
         if task == "code" and not (isinstance(item["tests"], list) and item["tests"]):
             raise UserError(f"{path}:{item['_line']}: 'tests' must be a non-empty list")
     if task == "tool":
-        from stepflash.evaluation.tool_env import check_item
+        from stepflash.tasks.tool_env import check_item
 
         for item in items:
             check_item(item, where=f"{path}:{item['_line']}")

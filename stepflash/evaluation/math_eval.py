@@ -1,6 +1,6 @@
 """Math items: the prompt the model sees and the verdict on its completion.
 
-Grading is the RL math reward's (`stepflash.rl.rewards.math_verifier`): the final answer is extracted
+Grading is the RL math reward's (`stepflash.tasks.rewards.math_verifier`): the final answer is extracted
 (last \\boxed{}, else an "answer:" line, else the last number; only text after `</think>` counts) and
 compared with math_verify, so 1/2, 0.5 and \\frac{1}{2} agree and sets and intervals compare as such.
 """
@@ -8,7 +8,7 @@ compared with math_verify, so 1/2, 0.5 and \\frac{1}{2} agree and sets and inter
 from __future__ import annotations
 
 from stepflash.evaluation.scoring import Verdict
-from stepflash.rl.rewards.math_verifier import answers_match, extract_answer
+from stepflash.tasks.rewards.math_verifier import answers_match, extract_answer
 
 INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
 

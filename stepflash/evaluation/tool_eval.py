@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 from stepflash.chat import THINK_END, parse_chat_output
 from stepflash.evaluation.scoring import Verdict
-from stepflash.evaluation.tool_env import ToolEnv, answer_mentions, item_tools, make_env, state_mismatch
+from stepflash.tasks.tool_env import ToolEnv, answer_mentions, item_tools, make_env, state_mismatch
 
 MAX_TURNS = 8
 SYSTEM = ("You are an assistant that acts on a live system through the tools below. Carry out the user's request "

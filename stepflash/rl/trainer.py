@@ -118,7 +118,7 @@ def check_args(a: RLArgs) -> None:
 
 def load_tasks(a: RLArgs) -> tuple[list, list]:
     """(train pool, held-out test tasks) for --task."""
-    from stepflash.rl.tasks import Task, make_tasks, split_of
+    from stepflash.tasks.generators import Task, make_tasks, split_of
 
     if a.task == "math":
         if not a.data or not os.path.isfile(a.data):
@@ -207,7 +207,7 @@ def _train_rl(a: RLArgs, train_tasks, test_tasks, reward_fn, log, dp: RankGroup 
     from stepflash.checkpoint import load_model
     from stepflash.inference.engine import Engine
     from stepflash.tokenizer import load_tokenizer
-    from stepflash.training.checkpointing import latest_checkpoint, load_checkpoint, save_checkpoint
+    from stepflash.checkpoint.run import latest_checkpoint, load_checkpoint, save_checkpoint
     from stepflash.training.monitors import MetricsLog
 
     if a.threads > 0:

@@ -35,7 +35,7 @@ from stepflash.checkpoint import CheckpointError, load_model
 from stepflash.config import ConfigError, resolve_config
 from stepflash.errors import UserError
 from stepflash.model import Step35ForCausalLM
-from stepflash.training import checkpointing as ckpt
+from stepflash.checkpoint import run as ckpt
 from stepflash.training.balance import ExpertLoad, apply_bias_updates
 from stepflash.training.data import BatchSampler, open_training_data, validation_batches
 from stepflash.training.data import default_data_dir  # noqa: F401  (re-exported: demo, benchmarks)
@@ -307,7 +307,7 @@ def _train(args: TrainArgs, par: Parallel, on_step: Callable | None) -> dict:
     step, tokens_seen = 0, 0
     if state is not None:
         if sharded_ckpt:  # weights and optimizer, from whatever layout saved them into this one
-            from stepflash.distributed import load_checkpoint as load_dcp
+            from stepflash.checkpoint.dcp import load_checkpoint as load_dcp
 
             load_dcp(path, model, opt)
         elif portable_opt is not None:

@@ -64,7 +64,7 @@ class SFTArgs:
 
 def task_conversations(family: str, n: int, seed: int = 0, **options) -> list[dict]:
     """Train-split tasks as conversations: the task prompt, a one-line reasoning and a boxed answer."""
-    from stepflash.rl.tasks import make_tasks
+    from stepflash.tasks.generators import make_tasks
 
     if family not in ("arithmetic", "countdown"):
         raise UserError(f"--task makes SFT data for arithmetic or countdown, not {family!r}")
@@ -211,7 +211,7 @@ def save_checkpoint_dir(model, tok, out: str) -> None:
     """Weights, config and tokenizer (a Tokenizer, or the path of one to copy) into a temporary sibling directory, then renamed to `out`."""
     from stepflash.checkpoint import save_model
     from stepflash.tokenizer import save_tokenizer
-    from stepflash.training.checkpointing import replace_dir
+    from stepflash.checkpoint.run import replace_dir
 
     out = os.path.abspath(out)
     tmp = out + ".tmp"

@@ -1,6 +1,6 @@
 """Supervised training of the recipe's SFT start and consolidated student, on conversations of several domains.
 
-The loss is `stepflash sft`'s (`rl/sft.py`: conversations rendered with the chat template, cross entropy on
+The loss is `stepflash sft`'s (`posttrain/sft.py`: conversations rendered with the chat template, cross entropy on
 assistant tokens only, AdamW with warmup and cosine decay to 10%), with two additions the recipe needs:
 - `mtp_weight`: the MTP loss of module 1 only (depth weights [1, 0, 0], the report's setting before the late
   MTP phase) on the same assistant tokens, so module 1 is trained before it is cloned;
@@ -19,8 +19,8 @@ import time
 import torch
 import torch.nn.functional as F
 
-from stepflash.rl.sft import sft_batch
-from stepflash.training.mtp_phase import masked_mtp_losses
+from stepflash.posttrain.sft import sft_batch
+from stepflash.posttrain.mtp_phase import masked_mtp_losses
 
 Example = tuple[list[int], list[int]]  # (token ids, assistant mask), from sft.tokenize_conversation
 

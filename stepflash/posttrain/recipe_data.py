@@ -1,6 +1,6 @@
 """The recipe's three domains as procedural tasks posed exactly as `stepflash eval` poses its items.
 
-Every domain has a task family a 1-5M-parameter model can learn on CPU (`stepflash.rl.tasks`):
+Every domain has a task family a 1-5M-parameter model can learn on CPU (`stepflash.tasks.generators`):
 - math: small arithmetic expressions (`arithmetic_tasks`), scored by the math verifier;
 - code: one-line Python functions with assert tests (`code_tasks`), scored in the sandbox;
 - tool: one request against the harness's kv or bank env that needs one tool call (`tool_tasks`).
@@ -21,7 +21,7 @@ import json
 from stepflash.chat import DEFAULT_CHAT_TEMPLATE
 from stepflash.evaluation.code_eval import code_messages
 from stepflash.evaluation.math_eval import math_messages
-from stepflash.rl.tasks import Task, arithmetic_tasks, code_tasks, tool_tasks
+from stepflash.tasks.generators import Task, arithmetic_tasks, code_tasks, tool_tasks
 
 DOMAINS = ("math", "code", "tool")
 MATH_OPTIONS = {"digits": (1, 1), "ops": "+", "terms": (3, 3)}  # "7 + 9 + 4": 1000 expressions, 900 train
@@ -84,7 +84,7 @@ def write_eval_set(path: str, domain: str, tasks: list[Task]) -> None:
 
 def tool_result(task: Task) -> str:
     """What the env answers to the task's expected call (the tool turn of a reference conversation)."""
-    from stepflash.evaluation.tool_env import ENVS
+    from stepflash.tasks.tool_env import ENVS
 
     m = task.meta
     return ENVS[m["env"]](m["init"]).call(m["call"]["name"], m["call"]["arguments"])

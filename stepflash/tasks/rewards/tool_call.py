@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 
 from stepflash.errors import UserError
-from stepflash.rl.rewards import task_field
+from stepflash.tasks.rewards import task_field
 
 
 def expected_call(prompt) -> tuple[list[dict], dict]:

@@ -21,14 +21,14 @@ import random
 
 import torch
 
-from stepflash.evaluation.recipe_data import DOMAINS, compact_chat_template, conversation
+from stepflash.posttrain.recipe_data import DOMAINS, compact_chat_template, conversation
 
 
 def build_demo_start(train: dict, tok_dir: str, seed: int):
     """(model, tokenizer, chat template, tokenizer dir) of the demo start, from random weights."""
     from stepflash.chat import ChatTemplate
     from stepflash.model import Step35ForCausalLM
-    from stepflash.rl.sft import build_task_tokenizer, demo_config
+    from stepflash.posttrain.sft import build_task_tokenizer, demo_config
     from stepflash.tokenizer import TOKENIZER_CONFIG_FILE, save_tokenizer
 
     template = ChatTemplate(compact_chat_template())
@@ -54,7 +54,7 @@ def build_demo_start(train: dict, tok_dir: str, seed: int):
 
 def reference_examples(train: dict, tok, template, max_len: int) -> dict:
     """The reference conversation of every train task, tokenized with its assistant mask, by domain."""
-    from stepflash.rl.sft import tokenize_conversation
+    from stepflash.posttrain.sft import tokenize_conversation
 
     return {d: [tokenize_conversation(tok, template, conversation(d, t), max_len) for t in train[d]] for d in DOMAINS}
 
@@ -102,9 +102,9 @@ def load_union(ctx) -> list[dict]:
 def consolidate(ctx, out: str) -> None:
     from stepflash.chat import ChatTemplate
     from stepflash.checkpoint import load_model
-    from stepflash.rl.sft import save_checkpoint_dir
-    from stepflash.evaluation.recipe_train import train_supervised
-    from stepflash.rl.sft import tokenize_conversation
+    from stepflash.posttrain.sft import save_checkpoint_dir
+    from stepflash.posttrain.recipe_train import train_supervised
+    from stepflash.posttrain.sft import tokenize_conversation
     from stepflash.tokenizer import load_tokenizer
 
     a, sft_dir = ctx.args, ctx.path("0_sft")
@@ -134,11 +134,11 @@ def consolidate(ctx, out: str) -> None:
 def mtp_stage(ctx, out: str) -> None:
     from stepflash.chat import ChatTemplate
     from stepflash.checkpoint import load_model
-    from stepflash.rl.sft import save_checkpoint_dir
+    from stepflash.posttrain.sft import save_checkpoint_dir
     from stepflash.rl.rollout import render_task
-    from stepflash.rl.sft import tokenize_conversation
+    from stepflash.posttrain.sft import tokenize_conversation
     from stepflash.tokenizer import load_tokenizer
-    from stepflash.training.mtp_phase import accepted_length, clone_mtp_modules, train_mtp_phase
+    from stepflash.posttrain.mtp_phase import accepted_length, clone_mtp_modules, train_mtp_phase
 
     a, src = ctx.args, ctx.path("3_final_mispo")
     tok, template = load_tokenizer(src), ChatTemplate.from_checkpoint(src)

@@ -24,8 +24,8 @@ from dataclasses import asdict, dataclass, field
 from fractions import Fraction
 
 from stepflash.errors import UserError
-from stepflash.rl.rewards import REWARDS
-from stepflash.rl.rewards.countdown import safe_eval
+from stepflash.tasks.rewards import REWARDS
+from stepflash.tasks.rewards.countdown import safe_eval
 
 SPLITS = ("train", "test")
 HELD_OUT_EVERY = 10  # one task key in ten is held out
@@ -307,7 +307,7 @@ def tool_tasks(n: int, seed: int = 0, split: str = "train", distractors: int = 1
     """Single-call tool requests. The model is offered the needed tool and `distractors` other tools of the same
     env (`_brief_schema`), in random order; meta holds the env, its initial state, the goal (eval harness format), the expected
     call and a reference final reply. `answer` is the expected call as JSON."""
-    from stepflash.evaluation.tool_env import ENVS
+    from stepflash.tasks.tool_env import ENVS
 
     if distractors < 0:
         raise UserError(f"distractors must be >= 0, got {distractors}")

@@ -13,7 +13,7 @@ import json
 import os
 from dataclasses import asdict
 
-from stepflash.evaluation.recipe_data import DOMAINS
+from stepflash.posttrain.recipe_data import DOMAINS
 
 SFT, STUDENT, FINAL = "0_sft", "2_consolidated", "3_final_mispo"
 

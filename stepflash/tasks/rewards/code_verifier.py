@@ -26,8 +26,8 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from stepflash.errors import UserError
-from stepflash.rl.rewards import strip_reasoning, task_field
-from stepflash.rl.sandbox import SandboxLimits, run_python
+from stepflash.tasks.rewards import strip_reasoning, task_field
+from stepflash.tasks.sandbox import SandboxLimits, run_python
 
 _FENCE = re.compile(r"```([A-Za-z0-9_+-]*)[ \t]*\n(.*?)```", re.DOTALL)
 

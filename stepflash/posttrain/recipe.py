@@ -11,7 +11,7 @@ Stages, each a checkpoint directory under --out that `stepflash eval` and `gener
                   logit distillation to the domain's expert (--kl-weight);
   3_final_mispo   MIS-PO from 2_consolidated on an equal mix of the three domains' tasks;
   4_mtp           MTP modules 2 and 3 cloned from module 1 and the three trained jointly, trunk frozen
-                  (`stepflash.training.mtp_phase`); the main model is unchanged.
+                  (`stepflash.posttrain.mtp_phase`); the main model is unchanged.
 After each stage the harness (`stepflash eval`, greedy) scores it on each domain's held-out split, written
 once as eval JSONL under OUT/data (4_mtp is scored with MTP speculative decoding, --mtp 3, which must give
 the same answers); the tool tasks are also scored by their RL verifier on the first turn alone ("tool_call":
@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 import torch
 
 from stepflash.errors import UserError
-from stepflash.evaluation.recipe_data import DOMAINS, domain_tasks, write_eval_set
+from stepflash.posttrain.recipe_data import DOMAINS, domain_tasks, write_eval_set
 
 STAGES = ("0_sft", "1_expert_math", "1_expert_code", "1_expert_tool", "2_consolidated", "3_final_mispo", "4_mtp")
 POOL_CAP = {"math": 850, "code": 400}  # distinct train tasks: math ~900, code ~540 (the rest of the 1000 / ~600 held out)
@@ -124,7 +124,7 @@ def done(path: str) -> bool:
 
 def publish_dir(src: str, out: str) -> None:
     """Copy a checkpoint directory (without trainer state) to out.tmp, then rename it to `out`."""
-    from stepflash.training.checkpointing import replace_dir
+    from stepflash.checkpoint.run import replace_dir
 
     tmp = out + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -138,9 +138,9 @@ def stage_sft(ctx: Context, out: str) -> None:
     if ctx.args.start != "demo":
         publish_dir(ctx.args.start, out)
         return
-    from stepflash.evaluation.recipe_stages import build_demo_start, reference_examples
-    from stepflash.evaluation.recipe_train import train_supervised
-    from stepflash.rl.sft import save_checkpoint_dir
+    from stepflash.posttrain.recipe_stages import build_demo_start, reference_examples
+    from stepflash.posttrain.recipe_train import train_supervised
+    from stepflash.posttrain.sft import save_checkpoint_dir
 
     a = ctx.args
     model, tok, template, tok_dir = build_demo_start(ctx.train, ctx.path("work", "tokenizer"), a.seed)
@@ -155,7 +155,7 @@ def stage_sft(ctx: Context, out: str) -> None:
 def rl_stage(ctx: Context, name: str, start: str, tasks: list, algo: str, steps: int, lr: float) -> None:
     """RL from `start` on `tasks` in OUT/work/NAME (resumable), then publish the last policy as OUT/NAME."""
     from stepflash.rl.trainer import RLArgs, train_rl
-    from stepflash.training.checkpointing import latest_checkpoint
+    from stepflash.checkpoint.run import latest_checkpoint
 
     a = ctx.args
     run_dir = ctx.path("work", name)
@@ -187,7 +187,7 @@ def stage_expert(ctx: Context, domain: str, out: str) -> None:
 
 
 def stage_consolidate(ctx: Context, out: str) -> None:
-    from stepflash.evaluation.recipe_stages import consolidate
+    from stepflash.posttrain.recipe_stages import consolidate
 
     consolidate(ctx, out)
 
@@ -199,7 +199,7 @@ def stage_final(ctx: Context, out: str) -> None:
 
 
 def stage_mtp(ctx: Context, out: str) -> None:
-    from stepflash.evaluation.recipe_stages import mtp_stage
+    from stepflash.posttrain.recipe_stages import mtp_stage
 
     mtp_stage(ctx, out)
 
@@ -267,7 +267,7 @@ def tool_call_accuracy(ctx: Context, stage: str) -> float:
 
 
 def run(args: RecipeArgs) -> int:
-    from stepflash.evaluation.recipe_report import write_results
+    from stepflash.posttrain.recipe_report import write_results
 
     check_args(args)
     if args.threads > 0:

@@ -24,7 +24,7 @@ from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
 from stepflash.checkpoint import INDEX_NAME, SINGLE_NAME, load_model, save_model
 from stepflash.config import Step35Config
-from stepflash.distributed.dcp import TRAIN_STATE, is_dcp_dir, save_checkpoint, single_process_quiet
+from stepflash.checkpoint.dcp import TRAIN_STATE, is_dcp_dir, save_checkpoint, single_process_quiet
 from stepflash.errors import UserError
 from stepflash.model import Step35ForCausalLM
 

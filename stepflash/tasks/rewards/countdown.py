@@ -17,8 +17,8 @@ from fractions import Fraction
 from typing import Any
 
 from stepflash.errors import UserError
-from stepflash.rl.rewards import strip_reasoning, task_field
-from stepflash.rl.rewards.math_verifier import _ANSWER_LINE, _boxed_contents
+from stepflash.tasks.rewards import strip_reasoning, task_field
+from stepflash.tasks.rewards.math_verifier import _ANSWER_LINE, _boxed_contents
 
 MAX_EXPRESSION_CHARS = 200
 _OPS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv}

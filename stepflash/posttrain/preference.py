@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from stepflash.errors import UserError
-from stepflash.rl.rewards import strip_reasoning, task_field
+from stepflash.tasks.rewards import strip_reasoning, task_field
 
 
 class PreferenceReward:
@@ -27,7 +27,7 @@ class PreferenceReward:
     @torch.no_grad()
     def scores(self, questions: list[str], responses: list[str]) -> torch.Tensor:
         """Reward-model scores [N] of N (question, response) pairs."""
-        from stepflash.rl.reward_model import collate, encode, pad_id_of
+        from stepflash.posttrain.reward_model import collate, encode, pad_id_of
 
         device = self.rm.value_head.proj.weight.device
         out = []

@@ -11,7 +11,7 @@ can draft three tokens. Here:
 - `accepted_length` measures what the phase is for: the mean number of draft tokens the engine's
   speculative decoding (greedy, k drafts) accepts per verify step on held-out prompts.
 
-`python -m stepflash.training.mtp_phase CHECKPOINT --data convs.jsonl --out DIR` runs it on its own.
+`python -m stepflash.posttrain.mtp_phase CHECKPOINT --data convs.jsonl --out DIR` runs it on its own.
 """
 
 from __future__ import annotations
@@ -102,7 +102,7 @@ def train_mtp_phase(model, examples: list[tuple[list[int], list[int]]], pad_id: 
                     log=print, log_every: int = 20) -> list[float]:
     """Train only the MTP layers (trunk, embedding, lm_head frozen) on tokenized conversations
     [(ids, assistant_mask)] with the weighted chain loss; returns the per-step losses."""
-    from stepflash.rl.sft import sft_batch
+    from stepflash.posttrain.sft import sft_batch
 
     if steps < 1 or batch_size < 1:
         raise UserError("MTP phase steps and batch size must be >= 1")
@@ -163,7 +163,7 @@ class MTPPhaseArgs:
 def run(args: MTPPhaseArgs) -> int:
     from stepflash.chat import ChatTemplate
     from stepflash.checkpoint import load_model
-    from stepflash.rl.sft import read_conversations, save_checkpoint_dir, tokenize_conversation
+    from stepflash.posttrain.sft import read_conversations, save_checkpoint_dir, tokenize_conversation
     from stepflash.tokenizer import load_tokenizer
 
     if not args.out or not args.data:

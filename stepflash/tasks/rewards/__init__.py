@@ -1,7 +1,7 @@
 """Rewards: one interface, `reward(prompt, completion) -> float`, and a plain dict `REWARDS` of them.
 
 `prompt` is the task record, not only its text, because a verifier needs the reference too: a
-`stepflash.rl.tasks.Task`, or a dict with the same keys ("prompt", "answer", "tests", ...); `task_field`
+`stepflash.tasks.generators.Task`, or a dict with the same keys ("prompt", "answer", "tests", ...); `task_field`
 reads either. `completion` is the generated text; when it holds a reasoning block, only what follows the
 last `</think>` is graded (`strip_reasoning`). Rewards never raise on a malformed completion (it scores 0);
 they raise only when the task itself is unusable (no reference) or the sandbox cannot run.
@@ -43,10 +43,10 @@ def strip_reasoning(completion: str) -> str:
     return tail if sep else completion
 
 
-from stepflash.rl.rewards.code_verifier import code_reward  # noqa: E402
-from stepflash.rl.rewards.math_verifier import math_reward  # noqa: E402
-from stepflash.rl.rewards.countdown import countdown_reward  # noqa: E402
-from stepflash.rl.rewards.tool_call import tool_call_reward  # noqa: E402
+from stepflash.tasks.rewards.code_verifier import code_reward  # noqa: E402
+from stepflash.tasks.rewards.math_verifier import math_reward  # noqa: E402
+from stepflash.tasks.rewards.countdown import countdown_reward  # noqa: E402
+from stepflash.tasks.rewards.tool_call import tool_call_reward  # noqa: E402
 
 REWARDS: dict[str, RewardFn] = {
     "math": math_reward,

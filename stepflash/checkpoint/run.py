@@ -8,7 +8,7 @@ latest names the newest one and is itself replaced atomically. A crash mid-save 
 previous checkpoint, and `latest`, untouched.
 
 Under torchrun (`save_sharded_checkpoint`) the same directory holds a DCP checkpoint instead: every
-rank writes its shards of the model and optimizer (`stepflash.distributed.save_checkpoint`) into the
+rank writes its shards of the model and optimizer (`stepflash.checkpoint.dcp.save_checkpoint`) into the
 temporary directory, rank 0 adds trainer_state.pt and the tokenizer and, after a barrier, publishes it
 the same way. `load_resume` reads either kind into a model parallelized any way (or not at all), so a
 run saved at N processes resumes at M. `stepflash convert` turns a DCP checkpoint into the release
@@ -125,7 +125,7 @@ def save_sharded_checkpoint(run_dir: str, step: int, model, optimizer, trainer_s
     import torch.distributed as dist
 
     from stepflash.distributed import gather_model
-    from stepflash.distributed import save_checkpoint as save_dcp
+    from stepflash.checkpoint.dcp import save_checkpoint as save_dcp
     from stepflash.tokenizer import save_tokenizer
 
     main = dist.get_rank() == 0

@@ -15,7 +15,7 @@ import threading
 from typing import Any
 
 from stepflash.errors import UserError
-from stepflash.rl.rewards import strip_reasoning, task_field
+from stepflash.tasks.rewards import strip_reasoning, task_field
 
 MAX_ANSWER_CHARS = 400  # longer "answers" are not answers, and sympy on them can take very long
 _ANSWER_LINE = re.compile(r"(?:final answer|answer)\s*(?:is|:)\s*(.+)", re.IGNORECASE)
