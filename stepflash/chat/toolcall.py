@@ -52,9 +52,10 @@ def held_suffix(text: str, tags) -> int:
     return 0
 
 
-def _name_end(s: str, start: int) -> int:
-    """Index of the first `>`, newline or `<` at or after `start` (-1: none yet)."""
-    ends = [i for i in (s.find(c, start) for c in ">\n<") if i >= 0]
+def _name_end(s: str, start: int, stops: str = ">\n<") -> int:
+    """Index of the first of `stops` in the MAX_NAME characters from `start` (-1: none there). The window
+    keeps a value with thousands of `<` (HTML, say) linear to scan."""
+    ends = [i for i in (s.find(c, start, start + MAX_NAME + 1) for c in stops) if i >= 0]
     return min(ends) if ends else -1
 
 
@@ -83,10 +84,9 @@ def function_tag(s: str, pos: int, functions, repair: bool) -> tuple[str, str | 
     if not repair or not (s[p].isspace() or s[p].isalpha() or s[p] == "_"):
         return NO, None, pos
     # `<function NAME>` / `<functionNAME>`: the `=` is missing.
-    ends = [i for i in (s.find(c, p) for c in "><") if i >= 0]
-    if not ends:
+    e = _name_end(s, p, "><")
+    if e < 0:
         return (NO if len(s) - p > MAX_NAME else NEED_MORE), None, pos
-    e = min(ends)
     name = s[p:e].strip()
     if s[e] != ">" or name not in functions:
         return NO, None, pos
