@@ -23,8 +23,6 @@ from datetime import datetime
 from typing import Any
 
 THINK_START, THINK_END = "<think>", "</think>"
-CALL_START, CALL_END = "<tool_call>", "</tool_call>"
-GENERATION_PROMPT = "<|im_start|>assistant\n<think>\n"
 
 # Content may be a string, None, one {"type": "text"} part, or a list of parts; text parts carry
 # "text" (OpenAI) or "value". Parts are joined with nothing between them. An image part becomes the
