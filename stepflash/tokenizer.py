@@ -7,8 +7,9 @@ special tokens up by string (`special_id`), never by number.
 
 A checkpoint's own tokenizer.json (the release's, say) is used unchanged: `save_tokenizer` given the
 path of a tokenizer.json copies the file byte for byte instead of re-serialising it.
-Next to tokenizer.json we write tokenizer_config.json (bos/eos/pad tokens and a ChatML chat template),
-so `transformers.AutoTokenizer.from_pretrained(dir)` loads the same tokenizer.
+Next to tokenizer.json we write tokenizer_config.json (bos/eos/pad tokens and the Step 3.5 chat template),
+so `transformers.AutoTokenizer.from_pretrained(dir)` loads the same tokenizer and its `apply_chat_template`
+renders byte for byte what `stepflash serve` renders (tests/test_chat.py checks it).
 
 `stepflash tokenizer train` trains one from a text corpus (the same inputs as `stepflash data prepare`).
 """
@@ -34,9 +35,10 @@ TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
 # Byte-level BPE needs all 256 byte symbols for a lossless round trip.
 LOSSLESS_MIN_VOCAB = 256 + len(SPECIAL_TOKENS)
 
-# The project's one chat template (SPEC section 8: thinking always on, tools in the system turn, XML tool
-# calls, tool_response turns). Written into tokenizer_config.json so servers and transformers' apply_chat_template
-# render exactly what `stepflash serve` renders.
+# The project's one chat template: stepflash's own Jinja source for the official Step 3.5 Flash format
+# (SPEC section 8; `stepflash.chat.template`), which starts with `bos_token`. Written into
+# tokenizer_config.json so servers and transformers' apply_chat_template render exactly what
+# `stepflash serve` renders.
 CHAT_TEMPLATE = DEFAULT_CHAT_TEMPLATE
 
 

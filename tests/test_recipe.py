@@ -47,7 +47,8 @@ def reply(name: str, **args) -> str:
     (reply("transfer", source="bob", target="alice", amount=30, note="x"), 0.0),  # extra argument
     (reply("get_balance", account="bob"), 0.0),  # wrong function
     (reply("withdraw", source="bob", target="alice", amount=30), 0.0),  # a function not offered
-    (reply("transfer", source="bob", target="alice", amount=30).replace("</function>", ""), 0.0),  # malformed XML
+    (reply("transfer", source="bob", target="alice", amount=30).replace("</function>", ""), 1.0),  # repaired, as served
+    (reply("transfer", source="bob", target="alice", amount=30).replace("<function=", "<func="), 0.0),  # malformed XML
     (reply("transfer", source="bob", target="alice", amount=30).replace("<parameter=amount>", "<param=amount>"), 0.0),
     ("I would transfer 30 from bob to alice.", 0.0),  # no call
     (reply("transfer", source="bob", target="alice", amount=30) + "\n"

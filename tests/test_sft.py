@@ -19,9 +19,10 @@ CONV = [
     {"role": "tool", "content": "5"},
     {"role": "assistant", "reasoning_content": "the tool said 5", "content": "\\boxed{5}"},
 ]
-# What the model must produce in each assistant turn (SPEC section 8 layout), written out by hand.
+# What the model must produce in each assistant turn (SPEC section 8 layout: no newline before a tool
+# call), written out by hand.
 EXPECTED_ASSISTANT = [
-    "<think>\nadd them\n</think>\nLet me check.\n<tool_call>\n<function=calc>\n<parameter=expr>\n2+3\n"
+    "<think>\nadd them\n</think>\nLet me check.<tool_call>\n<function=calc>\n<parameter=expr>\n2+3\n"
     "</parameter>\n</function>\n</tool_call><|im_end|>",
     "<think>\nthe tool said 5\n</think>\n\\boxed{5}<|im_end|>",
 ]

@@ -64,7 +64,7 @@ def test_save_load_and_transformers_reads_it(tok, tmp_path):
     assert (hf.bos_token_id, hf.eos_token_id, hf.pad_token_id) == (0, 1, 2)
     assert hf.encode(TEXTS[2], add_special_tokens=False) == tok.encode(TEXTS[2]).ids
     prompt = hf.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True)
-    assert prompt == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n<think>\n"
+    assert prompt == "<|bos|><|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n<think>\n"  # official layout
 
 
 def test_given_tokenizer_json_is_copied_unchanged(tok, tmp_path):

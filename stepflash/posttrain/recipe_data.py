@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import json
 
-from stepflash.chat import DEFAULT_CHAT_TEMPLATE
+from stepflash.chat import chat_template_source
 from stepflash.evaluation.code_eval import code_messages
 from stepflash.evaluation.math_eval import math_messages
 from stepflash.tasks.generators import Task, arithmetic_tasks, code_tasks, tool_tasks
@@ -29,18 +29,11 @@ CODE_TEMPLATES = ("add_const", "scale_sum", "remove_char", "count_multiples")
 TOOL_MAX_TURNS = 3  # the call, then the final reply (and one spare)
 
 
-_TOOL_PREAMBLE = "'# Tools\\n\\nYou may call the functions described below (JSON Schema) to help with the request.\\n<tools>'"
-_TOOL_FORMAT = ("  {{- '\\n</tools>\\n\\nTo call a function, reply with one block per call in exactly this form:\\n' -}}\n"
-                "  {{- '<tool_call>\\n<function=NAME>\\n<parameter=ARGUMENT>\\nVALUE\\n</parameter>\\n</function>\\n</tool_call>\\n' -}}\n"
-                "  {{- 'Write string values as they are and other values as JSON. Results come back in a tool_response turn.' -}}\n")
-
-
 def compact_chat_template() -> str:
-    """The Step 3.5 template with its ~110-token tool preamble (the "# Tools" intro and the call-format
+    """The Step 3.5 template with its ~200-token tool preamble (the "# Tools" intro and the call-format
     instructions) cut to the bare <tools> block: the demo model has a 512-token context and learns the
     call format from data. Turns, think blocks, tool-call XML and tool_response turns are unchanged."""
-    assert _TOOL_PREAMBLE in DEFAULT_CHAT_TEMPLATE and _TOOL_FORMAT in DEFAULT_CHAT_TEMPLATE, "template changed"
-    return DEFAULT_CHAT_TEMPLATE.replace(_TOOL_PREAMBLE, "'<tools>'").replace(_TOOL_FORMAT, "  {{- '\\n</tools>' -}}\n")
+    return chat_template_source(tool_instructions=False)
 
 
 def domain_tasks(domain: str, n: int, split: str, seed: int = 0, tool_distractors: int = 0) -> list[Task]:

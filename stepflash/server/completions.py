@@ -3,7 +3,10 @@
 A request becomes one engine request per choice (`n` times each prompt). Each choice has its own
 `TextStream` (decoding, stop strings) and, for chat, its own `ChatStreamParser` (reasoning, content,
 tool calls). The same event loop serves both the streaming (SSE) and the one-shot response; the
-only difference is whether deltas are sent as they come or folded into one body.
+only difference is whether deltas are sent as they come or folded into one body. Streamed tool calls
+take OpenAI's incremental form, as vLLM sends them (`stepflash.chat.stream`): the call's id and name
+first, then its arguments in pieces; finish_reason is "tool_calls" when a reply that ended by itself
+made calls.
 
 Choices made where OpenAI's API says nothing about this model:
 - stop strings are matched on the whole generated text, reasoning included (as vLLM does);
@@ -23,7 +26,8 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator
 
-from stepflash.chat import ChatFormatError, ChatStreamParser, ChatTemplate, ParsedReply, collect, opens_reasoning
+from stepflash.chat import (ChatFormatError, ChatStreamParser, ChatTemplate, ParsedReply, collect, finish_reason,
+                            openai_deltas, opens_reasoning)
 from stepflash.server.protocol import ChatCompletionRequest, CompletionRequest, SamplingFields
 from stepflash.server.runner import EngineRunner, QueueFull
 from stepflash.server.textstream import TextStream
@@ -51,7 +55,6 @@ class Choice:
     reply: ParsedReply = field(default_factory=lambda: ParsedReply(None, None))
     text: str = ""  # completions: all released text
     tokens: int = 0
-    calls_sent: int = 0
     finish_reason: str | None = None
 
 
@@ -187,7 +190,7 @@ class Service:
                 events = choice.parser.feed(text)
                 if choice.finish_reason is not None:
                     events += choice.parser.finish()
-                for delta in _chat_deltas(choice, events):
+                for delta in openai_deltas(events):
                     yield _sse({**head, "choices": [{"index": choice.index, "delta": delta, "finish_reason": None}]})
                 if choice.finish_reason is not None:
                     yield _sse({**head, "choices": [{"index": choice.index, "delta": {},
@@ -264,7 +267,7 @@ def _usage(prompt_tokens: int, choices: list[Choice]) -> dict:
 
 
 def _chat_finish(choice: Choice) -> str:
-    return "tool_calls" if choice.parser.num_calls and choice.finish_reason == "stop" else choice.finish_reason
+    return finish_reason(choice.finish_reason, choice.parser.num_calls)
 
 
 def _chat_choice(choice: Choice) -> dict:
@@ -274,13 +277,3 @@ def _chat_choice(choice: Choice) -> dict:
         message["tool_calls"] = reply.tool_calls
     return {"index": choice.index, "message": message, "logprobs": None, "finish_reason": _chat_finish(choice)}
 
-
-def _chat_deltas(choice: Choice, events) -> list[dict]:
-    deltas = []
-    for kind, value in events:
-        if kind == "tool_call":
-            deltas.append({"tool_calls": [{"index": choice.calls_sent, **value}]})
-            choice.calls_sent += 1
-        else:
-            deltas.append({"reasoning_content" if kind == "reasoning" else "content": value})
-    return deltas

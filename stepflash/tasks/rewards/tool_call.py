@@ -8,7 +8,8 @@ function; argument values are typed by that function's JSON schema before the co
 
 Score 1 when the reply holds exactly one call and it equals the expected one (same function, every argument
 equal, none missing or extra); 0 otherwise: a wrong function, a wrong, missing or extra argument, a
-malformed block (the parser passes it through as plain text), no call, or more than one call.
+block the parser cannot repair (it passes it through as plain text), no call, or more than one call.
+A block the server would repair (a missing closing tag, say) counts as the call it is served as.
 """
 
 from __future__ import annotations
