@@ -305,7 +305,10 @@ def _write_id_maps(pid: int, host_uid: int, host_gid: int) -> None:
 def _boot_namespaces(req: dict, status_fd: int) -> str:
     """Host side: fork the keeper, give its user namespace its id maps, relay its end."""
     if os.geteuid() == 0:
-        os.setgroups([])  # root's supplementary groups would otherwise stay with the program
+        try:  # root's supplementary groups would otherwise stay with the program
+            os.setgroups([])
+        except PermissionError:  # root of a user namespace whose creator denied setgroups: nobody can change them
+            pass
     to_boot_r, to_boot_w = os.pipe()
     from_boot_r, from_boot_w = os.pipe()
     pid = os.fork()
@@ -320,7 +323,7 @@ def _boot_namespaces(req: dict, status_fd: int) -> str:
             _write_id_maps(pid, req["host_uid"], req["host_gid"])
             os.write(from_boot_w, b"m")
         except OSError as e:
-            _report(status_fd, f"error: writing the user namespace's id maps: {e}")
+            _report(status_fd, f"error: mapping the sandbox's uid {req['host_uid']} into its user namespace: {e}")
     os.close(from_boot_w)
     os.close(to_boot_r)
     os.close(status_fd)
