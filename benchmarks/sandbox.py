@@ -97,16 +97,16 @@ def main() -> None:
                         fn, calls = versions[version][name]
                         times.setdefault((name, workers, version), []).append(timed_round(fn, calls * workers, workers))
     print(f"load average: {os.getloadavg()[0]:.2f} {os.getloadavg()[1]:.2f} {os.getloadavg()[2]:.2f} "
-          f"on {os.cpu_count()} cores; {args.rounds} rounds; before = {args.before}")
-    print(f"{'workload':<10} {'workers':>7} {'before/s best':>13} {'median':>7} {'after/s best':>12} {'median':>7} "
-          f"{'ratio best':>10} {'median':>7}")
+          f"on {os.cpu_count()} cores; {args.rounds} rounds; before = {args.before}\n")
+    print("| workload | workers | before /s (best) | before /s (median) | after /s (best) | after /s (median) "
+          "| time ratio after/before (best) | (median) |")
+    print("|---|---|---|---|---|---|---|---|")
     for name in versions["after"]:
         for workers in args.workers:
             b, a = times[(name, workers, "before")], times[(name, workers, "after")]
-            print(f"{name:<10} {workers:>7} {1 / min(b):>13.2f} {1 / statistics.median(b):>7.2f} {1 / min(a):>12.2f} "
-                  f"{1 / statistics.median(a):>7.2f} {min(a) / min(b):>10.2f} "
-                  f"{statistics.median(a) / statistics.median(b):>7.2f}")
-
+            print(f"| {name} | {workers} | {1 / min(b):.2f} | {1 / statistics.median(b):.2f} | {1 / min(a):.2f} "
+                  f"| {1 / statistics.median(a):.2f} | {min(a) / min(b):.2f} | "
+                  f"{statistics.median(a) / statistics.median(b):.2f} |")
 
 if __name__ == "__main__":
     main()

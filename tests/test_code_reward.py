@@ -211,3 +211,16 @@ def test_task_without_tests_or_with_unsplittable_tests_is_a_user_error():
         REWARDS["code"]({"tests": ["def check(f):\n    assert f(1) == 2\ncheck(add)"]}, "print(1)")
     with pytest.raises(UserError, match="not valid Python"):
         REWARDS["code"]({"tests": ["assert add(1,"]}, "print(1)")
+
+
+def test_rl_logs_the_verdicts_of_each_steps_rollouts(rl_ckpt, tmp_path, one_thread):
+    from stepflash.rl.trainer import RLArgs, train_rl
+    from stepflash.tasks.generators import code_tasks
+
+    tasks = code_tasks(8, seed=0, templates=("add_const",))  # three assert tests each
+    a = RLArgs(checkpoint=rl_ckpt, out=str(tmp_path), task="code", steps=1, prompts_per_step=2, samples_per_prompt=2,
+               max_new_tokens=8, actor_minibatches=1, critic_minibatches=1, eval_every=0, save_every=0, max_batch_size=8)
+    step = next(r for r in train_rl(a, tasks, tasks[:1], log=lambda s: None) if r["step"] == 1)
+    counts = {k: v for k, v in step.items() if k.startswith("code_")}
+    assert list(counts) == ["code_" + v.replace(" ", "_") for v in VERDICTS]
+    assert sum(counts.values()) == 2 * 2 * 3  # one verdict per test of each rollout, none of the held-out eval's

@@ -194,7 +194,7 @@ def _request(level: str, files: dict[str, str], entry: str, limits: SandboxLimit
     plan = mount_plan()
     root = os.geteuid() == 0
     return {"isolation": level, "files": files, "entry": entry, "workdir": workdir, "seccomp_bpf": bpf,
-            "plan": plan if level == "namespaces" else {**plan, "sys_path": [workdir] + plan["sys_path"]},
+            "plan": plan,
             "host_uid": SANDBOX_HOST_ID if root else os.geteuid(), "host_gid": SANDBOX_HOST_ID if root else os.getegid(),
             "limits": {"cpu_s": math.ceil(limits.cpu_s or limits.timeout_s), "memory_mb": limits.memory_mb,
                        "max_file_mb": limits.max_file_mb, "nproc": _nproc_limit(level, limits),

@@ -131,6 +131,7 @@ def _build_root(plan: dict, sources: dict, work_mb: int) -> None:
     for path, target in plan["symlinks"]:
         os.makedirs(os.path.dirname(base + path), exist_ok=True)
         os.symlink(target, base + path)
+    os.makedirs(base + "/dev", exist_ok=True)
     for dev, fd, _ in sources["devices"]:  # bound writable: a read-only mount would refuse writes to /dev/null
         _mount_point(base + dev, False)
         _mount(f"/proc/self/fd/{fd}", base + dev, None, MS_BIND)

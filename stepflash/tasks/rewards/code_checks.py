@@ -12,9 +12,9 @@ claim "passed".
 
 What counts as evaluable here: constants, containers, arithmetic, comparisons, `and`/`or`/`not`, `x if c else y`,
 subscripts, calls of pure builtins (abs, len, sorted, min, max, sum, round, set, list, ...) and of math.isclose
-& co. Anything else (a call of the solution, a method call, a comprehension) is a probe. A conversion wrapped
-around a probe alone (`sorted(f(x))`, `len(f(x))`, `list(f(x))`) moves into the probe, so a generator
-result still compares. Top-level statements that are not asserts (`s = Solution()`) run in the sandbox
+& co. Anything else (a call of the solution, a method call, a comprehension) is a probe. A builtin applied to
+probes alone (`sorted(f(x))`, `sum(f(x))`, `list(f(x))`) moves into the probe: it holds no expected value,
+and a generator result, which only exists in the sandbox, still compares. Top-level statements that are not asserts (`s = Solution()`) run in the sandbox
 before the asserts that follow them; a top-level `NAME = <evaluable expression>` stays here and is
 substituted where a probe uses NAME. An assert nested in a function, loop or block cannot be split and is
 refused (`UserError`). Probes are evaluated eagerly, so `assert x > 0 and f(1 / x)` raises where Python
@@ -33,9 +33,8 @@ from dataclasses import dataclass, field
 
 from stepflash.errors import UserError
 
-SHAPING = {"list": list, "tuple": tuple, "set": set, "frozenset": frozenset, "sorted": sorted, "dict": dict,
-           "len": len, "str": str, "int": int, "float": float, "bool": bool}
-PURE = {**SHAPING, "abs": abs, "min": min, "max": max, "sum": sum, "round": round, "all": all, "any": any,
+PURE = {"list": list, "tuple": tuple, "set": set, "frozenset": frozenset, "sorted": sorted, "dict": dict,
+        "len": len, "str": str, "int": int, "float": float, "bool": bool, "abs": abs, "min": min, "max": max, "sum": sum, "round": round, "all": all, "any": any,
         "repr": repr, "isinstance": isinstance, "type": type, "reversed": reversed, "divmod": divmod,
         "complex": complex}  # not bytes, range, ...: bytes(10**12) from a program's value would exhaust the parent
 MATH = {"isclose", "isnan", "isinf", "isfinite", "fabs", "floor", "ceil", "sqrt", "pi", "e", "inf", "nan", "gcd"}
@@ -125,10 +124,10 @@ class _Splitter:
     def split_call(self, node: ast.Call) -> ast.expr:
         first = len(self.probes)
         args = [self.split(a) for a in node.args]
-        shaping = isinstance(node.func, ast.Name) and node.func.id in SHAPING and not node.keywords
-        if shaping and args and all(_is_probe(a) for a in args) and len(self.probes) - first == len(args):
-            del self.probes[first:]  # a conversion of probes only: the sandbox applies it too
-            return self.probe(node)
+        builtin = isinstance(node.func, ast.Name) and not node.keywords
+        if builtin and args and all(_is_probe(a) for a in args) and len(self.probes) - first == len(args):
+            del self.probes[first:]  # a builtin of probes only (sum(f(x))): no expected value in it, and
+            return self.probe(node)  # the sandbox can apply it to what only lives there (a generator)
         return ast.Call(node.func, args, [ast.keyword(k.arg, self.split(k.value)) for k in node.keywords])
 
 
