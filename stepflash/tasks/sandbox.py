@@ -50,12 +50,13 @@ _BOOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "sandbox_boot.p
 ISOLATION_LEVELS = ("namespaces", "none")
 SANDBOX_HOST_ID = 65534  # the program's host uid and gid when the parent is root ("nobody"/"nogroup")
 _STATUS_MAX = 4096
+SETUP_TIMEOUT_S = 30.0  # building the sandbox may take this long on a loaded machine before it is a failure
 _unsafe_no_sandbox = False
 
 
 @dataclass(frozen=True)
 class SandboxLimits:
-    timeout_s: float = 2.0  # wall clock, from start to kill
+    timeout_s: float = 2.0  # wall clock, from the program's start to kill (the sandbox's setup is not counted)
     cpu_s: float | None = None  # CPU seconds (default: the wall-clock timeout, rounded up)
     memory_mb: int = 512  # address space
     max_processes: int = 16  # processes + threads of the sandbox
@@ -192,10 +193,10 @@ def _request(level: str, files: dict[str, str], entry: str, limits: SandboxLimit
             raise
         bpf = None  # unconfined and without libseccomp: the resource limits are all there is
     plan = mount_plan()
-    root = os.geteuid() == 0
+    host_uid, host_gid = (SANDBOX_HOST_ID, SANDBOX_HOST_ID) if os.geteuid() == 0 else (os.geteuid(), os.getegid())
     return {"isolation": level, "files": files, "entry": entry, "workdir": workdir, "seccomp_bpf": bpf,
             "plan": plan,
-            "host_uid": SANDBOX_HOST_ID if root else os.geteuid(), "host_gid": SANDBOX_HOST_ID if root else os.getegid(),
+            "host_uid": host_uid, "host_gid": host_gid,
             "limits": {"cpu_s": math.ceil(limits.cpu_s or limits.timeout_s), "memory_mb": limits.memory_mb,
                        "max_file_mb": limits.max_file_mb, "nproc": _nproc_limit(level, limits),
                        "work_mb": limits.max_file_mb + size_mb + 1}}
@@ -254,7 +255,7 @@ def _setup_error(status: bytes, timed_out: bool, stderr: bytes) -> str | None:
     if line.startswith("error: "):
         return line[len("error: "):]
     if timed_out:
-        return "the sandbox was not ready within the timeout"
+        return f"the sandbox was not ready within {SETUP_TIMEOUT_S:g} s"
     return "the sandbox ended before the program started: " + (stderr.decode("utf-8", "replace").strip()[-300:]
                                                                or "no message")
 
@@ -276,8 +277,11 @@ def _kill_group(pid: int) -> None:
 
 def _collect(proc: subprocess.Popen, results_fd: int, status_fd: int, limits: SandboxLimits):
     """Read stdout, stderr, the results and the status pipe until all close, the deadline passes or the output
-    cap is hit; always ends with the process group killed (which also ends children that kept pipes open)."""
-    deadline = time.monotonic() + limits.timeout_s
+    cap is hit; always ends with the process group killed (which also ends children that kept pipes open).
+    The program's timeout starts when the status pipe says "ok", so a slow setup on a busy machine does not
+    eat the program's time (and turn a correct program into a timeout)."""
+    deadline = time.monotonic() + SETUP_TIMEOUT_S + limits.timeout_s
+    started = False
     capped = [proc.stdout.fileno(), proc.stderr.fileno(), results_fd]
     bufs = {fd: bytearray() for fd in capped + [status_fd]}
     sel = selectors.DefaultSelector()
@@ -300,6 +304,9 @@ def _collect(proc: subprocess.Popen, results_fd: int, status_fd: int, limits: Sa
                 continue
             if key.fd != status_fd or len(bufs[key.fd]) < _STATUS_MAX:
                 bufs[key.fd] += data
+            if key.fd == status_fd and not started and bufs[status_fd].startswith(b"ok\n"):
+                started = True
+                deadline = time.monotonic() + limits.timeout_s
         if sum(len(bufs[fd]) for fd in capped) > limits.max_output_bytes:
             limited = True
             break

@@ -35,6 +35,7 @@ EXIT_SETUP_FAILED = 97
 INNER_ID = 1000  # the program's uid and gid inside its user namespace
 CLONE_NEWNS, CLONE_NEWCGROUP, CLONE_NEWUTS, CLONE_NEWIPC = 0x00020000, 0x02000000, 0x04000000, 0x08000000
 CLONE_NEWUSER, CLONE_NEWPID, CLONE_NEWNET = 0x10000000, 0x20000000, 0x40000000
+NAMESPACES = CLONE_NEWUSER | CLONE_NEWNS | CLONE_NEWNET | CLONE_NEWIPC | CLONE_NEWUTS | CLONE_NEWCGROUP | CLONE_NEWPID
 MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_REMOUNT, MS_NOATIME, MS_NODIRATIME = 1, 2, 4, 8, 32, 1024, 2048
 MS_BIND, MS_REC, MS_PRIVATE, MS_RELATIME, MS_STRICTATIME = 4096, 16384, 1 << 18, 1 << 21, 1 << 24
 MNT_DETACH, AT_FDCWD, AT_RECURSIVE = 2, -100, 0x8000
@@ -274,8 +275,7 @@ def _keeper(req: dict, status_fd: int, to_boot: int, from_boot: int) -> str:
     """In fresh namespaces (the PID namespace applies to its children): fork the init, relay its end."""
     try:
         _prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-        flags = CLONE_NEWUSER | CLONE_NEWNS | CLONE_NEWNET | CLONE_NEWIPC | CLONE_NEWUTS | CLONE_NEWCGROUP | CLONE_NEWPID
-        _check(libc.unshare(flags), "unshare (user namespaces)")
+        _check(libc.unshare(NAMESPACES), "unshare (user namespaces)")
         os.write(to_boot, b"u")
         if os.read(from_boot, 1) != b"m":  # boot could not write the id maps (it reported why)
             os._exit(EXIT_SETUP_FAILED)

@@ -14,9 +14,10 @@ What counts as evaluable here: constants, containers, arithmetic, comparisons, `
 subscripts, calls of pure builtins (abs, len, sorted, min, max, sum, round, set, list, ...) and of math.isclose
 & co. Anything else (a call of the solution, a method call, a comprehension) is a probe. A builtin applied to
 probes alone (`sorted(f(x))`, `sum(f(x))`, `list(f(x))`) moves into the probe: it holds no expected value,
-and a generator result, which only exists in the sandbox, still compares. Top-level statements that are not asserts (`s = Solution()`) run in the sandbox
-before the asserts that follow them; a top-level `NAME = <evaluable expression>` stays here and is
-substituted where a probe uses NAME. An assert nested in a function, loop or block cannot be split and is
+and a generator result, which only exists in the sandbox, still compares. Top-level statements that are
+not asserts (`s = Solution()`) run in the sandbox before the asserts that follow them; a top-level
+`NAME = <evaluable expression>` stays here (and is substituted where a probe uses NAME) unless the
+sandbox's code reads NAME (an input it may mutate, `sort_in_place(xs)`). An assert nested in a function, loop or block cannot be split and is
 refused (`UserError`). Probes are evaluated eagerly, so `assert x > 0 and f(1 / x)` raises where Python
 would short-circuit.
 """
@@ -34,8 +35,8 @@ from dataclasses import dataclass, field
 from stepflash.errors import UserError
 
 PURE = {"list": list, "tuple": tuple, "set": set, "frozenset": frozenset, "sorted": sorted, "dict": dict,
-        "len": len, "str": str, "int": int, "float": float, "bool": bool, "abs": abs, "min": min, "max": max, "sum": sum, "round": round, "all": all, "any": any,
-        "repr": repr, "isinstance": isinstance, "type": type, "reversed": reversed, "divmod": divmod,
+        "len": len, "str": str, "int": int, "float": float, "bool": bool, "abs": abs, "min": min, "max": max,
+        "sum": sum, "round": round, "all": all, "any": any, "repr": repr, "isinstance": isinstance, "type": type, "reversed": reversed, "divmod": divmod,
         "complex": complex}  # not bytes, range, ...: bytes(10**12) from a program's value would exhaust the parent
 MATH = {"isclose", "isnan", "isinf", "isfinite", "fabs", "floor", "ceil", "sqrt", "pi", "e", "inf", "nan", "gcd"}
 _MAX_LEN = 10 ** 7  # elements a check may build (a value is the program's: it must not exhaust the parent)
