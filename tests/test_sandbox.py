@@ -330,8 +330,9 @@ def test_environment_secrets_do_not_leak(monkeypatch, host):
 
 
 def test_no_process_is_left_after_a_timeout(host):
-    r = run("import threading, time\nthreading.Thread(target=time.sleep, args=(30,)).start()\ntime.sleep(30)",
-            limits=SandboxLimits(timeout_s=0.5))
+    """Also when the program leaves the process group the parent kills (setsid): it dies with its parent."""
+    r = run("import os, threading, time\nos.setsid()\nthreading.Thread(target=time.sleep, args=(30,)).start()\n"
+            "time.sleep(30)", limits=SandboxLimits(timeout_s=0.5))
     assert r.timed_out
     host.check()
 
