@@ -72,18 +72,35 @@ def test_code_verdicts_io_and_asserts():
     right = score_code(SQUARE_IO, "```python\nprint(int(input()) ** 2)\n```")
     assert right.correct and right.details["tests_passed"] == [True, True]
     half = score_code(SQUARE_IO, "```python\nn = int(input())\nprint(9 if n == 3 else 0)\n```")
-    assert not half.correct and half.score == 0.5 and half.reason.startswith("tests failed: 1/2")
+    assert not half.correct and half.score == 0.5
+    assert half.reason == "wrong answer: 1/2 tests passed; test 1: expected '16', got '0'"
+    assert half.details["test_verdicts"] == ["passed", "wrong answer: expected '16', got '0'"]
     item = {"prompt": "add", "tests": ["assert add(1, 2) == 3", "assert add(-1, 1) == 0", "assert add(2, 2) == 5"]}
     v = score_code(item, "```python\ndef add(a, b):\n    return a + b\n```")
     assert v.details["tests_passed"] == [True, True, False] and v.score == pytest.approx(2 / 3)
+    assert v.details["test_verdicts"][2] == "wrong answer: assert add(2, 2) == 5: got 4"
 
 
-def test_code_timeout_and_crash():
+def test_code_timeout_and_crash_say_why():
     item = dict(SQUARE_IO, timeout_s=0.5)
     hang = score_code(item, "```python\nwhile True:\n    pass\n```")
     crash = score_code(item, "```python\nraise SystemExit(1 / 0)\n```")
     for v in (hang, crash):
         assert not v.correct and v.score == 0.0 and v.details["tests_passed"] == [False, False]
+    assert hang.reason.startswith("timeout: 0/2 tests passed") and hang.details["test_verdicts"] == ["timeout"] * 2
+    assert crash.reason == "runtime error: 0/2 tests passed; test 0: ZeroDivisionError: division by zero"
+
+
+def test_code_verdicts_reach_the_records_and_the_failure_histogram(tmp_path):
+    data, preds, out = tmp_path / "d.jsonl", tmp_path / "p.jsonl", tmp_path / "out"
+    data.write_text(json.dumps(SQUARE_IO) + "\n" + json.dumps(dict(SQUARE_IO, timeout_s=0.5)) + "\n")
+    preds.write_text(json.dumps({"completion": "```python\nprint(0)\n```"}) + "\n"
+                     + json.dumps({"completion": "```python\nwhile True:\n    pass\n```"}) + "\n")
+    assert cli.main(["eval", "--task", "code", "--data", str(data), "--predictions", str(preds), "--out", str(out)]) == 0
+    recs = [json.loads(line) for line in (out / "records.jsonl").read_text().splitlines()]
+    assert recs[0]["test_verdicts"] == ["wrong answer: expected '9', got '0'", "wrong answer: expected '16', got '0'"]
+    assert recs[1]["test_verdicts"] == ["timeout", "timeout"]
+    assert json.loads((out / "results.json").read_text())["failures"] == {"wrong answer": 1, "timeout": 1}
 
 
 # ---- pass@k -------------------------------------------------------------------------------------

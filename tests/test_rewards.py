@@ -1,9 +1,7 @@
 """Verifiers on right, wrong and malicious completions; the Bradley-Terry reward model and preference reward."""
 
 import json
-import os
 import threading
-import uuid
 
 import pytest
 import torch
@@ -13,7 +11,6 @@ from stepflash.config import tiny
 from stepflash.errors import UserError
 from stepflash.model import Step35ForCausalLM
 from stepflash.tasks.rewards import REWARDS, get_reward, strip_reasoning, task_field
-from stepflash.tasks.rewards.code_verifier import extract_code, run_tests
 from stepflash.tasks.rewards.countdown import countdown_reward, safe_eval
 from stepflash.tasks.rewards.math_verifier import answers_match, extract_answer, math_reward
 from stepflash.posttrain.preference import PreferenceReward
@@ -92,104 +89,7 @@ def test_math_task_without_reference_is_a_user_error():
         math_reward({"prompt": "what?"}, "\\boxed{1}")
 
 
-# ---- code ---------------------------------------------------------------------------------------
-
-ADD_TESTS = ["assert add(1, 2) == 3", "assert add(-1, 1) == 0", "assert add(10, 5) == 15", "assert add(0, 0) == 0"]
-IO_TESTS = [{"input": "2 3\n", "output": "5\n"}, {"input": "10 -4\n", "output": "6"}]
-
-
-def _code(body: str) -> str:
-    return f"<think>easy</think>Here it is:\n```python\n{body}\n```\nDone."
-
-
-def test_extract_code():
-    assert extract_code(_code("x = 1")) == "x = 1\n"
-    assert extract_code("```\ny = 2\n```") == "y = 2\n"
-    assert extract_code("```text\nnot code\n```\n```python\nz = 3\n```") == "z = 3\n"
-    assert extract_code("print(1)") == "print(1)"
-
-
-def test_code_pass_and_partial_pass():
-    task = {"tests": ADD_TESTS, "timeout_s": 5.0}
-    assert REWARDS["code"](task, _code("def add(a, b):\n    return a + b")) == 1.0
-    assert REWARDS["code"](task, _code("def add(a, b):\n    return abs(a) + b")) == 0.75
-    assert REWARDS["code"](task, _code("def add(a, b):\n    return a * b")) == 0.25  # only 0 * 0 == 0 + 0
-
-
-def test_code_stdin_stdout_tests():
-    good = _code("a, b = map(int, input().split())\nprint(a + b)")
-    partial = _code("a, b = map(int, input().split())\nprint(a + abs(b))")
-    assert REWARDS["code"]({"tests": IO_TESTS, "timeout_s": 5.0}, good) == 1.0
-    assert REWARDS["code"]({"tests": IO_TESTS, "timeout_s": 5.0}, partial) == 0.5
-    # Assert tests import the program as a module: its __main__ block (reading stdin) does not run.
-    both = "def add(a, b):\n    return a + b\nif __name__ == '__main__':\n    print(add(*map(int, input().split())))"
-    assert run_tests(both, IO_TESTS + ["assert add(2, 2) == 4", "assert add(2, 2) == 5"]) == [True, True, True, False]
-
-
-def test_code_infinite_loop_times_out_and_keeps_earlier_verdicts():
-    code = "def add(a, b):\n    while a == 10:\n        pass\n    return a + b"
-    task = {"tests": ADD_TESTS, "timeout_s": 1.0}
-    assert REWARDS["code"](task, _code(code)) == 0.5  # tests 0 and 1 pass, test 2 hangs, test 3 never runs
-
-
-def test_code_reward_skips_the_sandbox_for_unparsable_programs_and_remembers_verdicts(monkeypatch):
-    from stepflash.tasks.rewards import code_verifier
-
-    broken = "def add(a, b) return a + b"
-    assert run_tests(broken, ADD_TESTS) == [False] * 4  # the sandbox's own verdict, which the shortcut must equal
-    calls = []
-    real = code_verifier.run_tests
-    monkeypatch.setattr(code_verifier, "run_tests", lambda *a, **k: calls.append(a[0]) or real(*a, **k))
-    task = {"tests": ADD_TESTS, "timeout_s": 5.0}
-    assert REWARDS["code"](task, _code(broken)) == 0.0 and calls == []
-    program = f"def add(a, b):\n    return a + b  # {uuid.uuid4().hex}"  # not in the cache yet
-    assert REWARDS["code"](task, _code(program)) == 1.0
-    assert REWARDS["code"](task, _code(program)) == 1.0
-    assert len(calls) == 1
-    assert REWARDS["code"]({"tests": ADD_TESTS[:1], "timeout_s": 5.0}, _code(program)) == 1.0  # other tests: a new run
-    assert len(calls) == 2
-
-
-def test_code_crash_scores_zero():
-    assert REWARDS["code"]({"tests": ADD_TESTS, "timeout_s": 5.0}, _code("raise SystemError('crash')")) == 0.0
-    assert REWARDS["code"]({"tests": ADD_TESTS, "timeout_s": 5.0}, _code("def add(a, b) return")) == 0.0
-
-
-@pytest.mark.parametrize("cheat", [
-    "import sys\nsys.exit(0)",
-    "import os\nos._exit(0)",
-    "print('0 1')\nprint('deadbeef 0 1')\nimport sys\nsys.exit(0)",
-])
-def test_code_early_exit_and_fake_verdicts_score_zero(cheat):
-    assert REWARDS["code"]({"tests": ADD_TESTS, "timeout_s": 5.0}, _code(cheat)) == 0.0
-
-
-@pytest.mark.parametrize("attack", [
-    "import os\nwhile True:\n    os.fork()",
-    "x = bytearray(16 * 1024 ** 3)",
-    "x = []\nwhile True:\n    x.append(bytearray(10 ** 7))",
-])
-def test_code_fork_bomb_and_memory_hog_score_zero(attack):
-    assert REWARDS["code"]({"tests": ADD_TESTS[:1], "timeout_s": 2.0}, _code(attack)) == 0.0
-
-
-def test_code_write_outside_tmp_scores_zero_and_writes_nothing():
-    path = f"/tmp/stepflash-reward-escape-{uuid.uuid4().hex}"
-    attack = f"open({path!r}, 'w').write('pwned')\ndef add(a, b):\n    return a + b"
-    assert REWARDS["code"]({"tests": ADD_TESTS, "timeout_s": 5.0}, _code(attack)) == 0.0
-    assert not os.path.exists(path)
-
-
-def test_code_cannot_read_an_environment_secret(monkeypatch):
-    monkeypatch.setenv("STEPFLASH_REWARD_SECRET", "hunter2")
-    thief = _code("import os\nprint(os.environ.get('STEPFLASH_REWARD_SECRET'))")
-    assert REWARDS["code"]({"tests": [{"input": "", "output": "hunter2"}], "timeout_s": 5.0}, thief) == 0.0
-    assert REWARDS["code"]({"tests": [{"input": "", "output": "None"}], "timeout_s": 5.0}, thief) == 1.0
-
-
-def test_code_task_without_tests_is_a_user_error():
-    with pytest.raises(UserError):
-        REWARDS["code"]({"tests": []}, "print(1)")
+# ---- code: tests/test_code_reward.py (verdicts, forging, hostile programs through the reward) --------
 
 
 # ---- countdown ----------------------------------------------------------------------------------

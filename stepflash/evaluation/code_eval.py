@@ -3,8 +3,11 @@
 Grading is the RL code reward's (`stepflash.tasks.rewards.code_verifier`): the last fenced python block is
 run in the sandbox against the item's tests, stdin/stdout pairs ({"input", "output"}, compared token by
 token) and assert statements (LiveCodeBench style), each test under `timeout_s` (item field, default 2 s).
-An item is solved when every test passes; the score is the fraction passed. A program that hangs, crashes
-or prints the wrong thing fails the tests it touches; a sandbox that cannot start raises (not a verdict).
+An item is solved when every test passes; the score is the fraction passed. Every test gets a verdict
+(passed, wrong answer, runtime error, timeout, memory limit, output limit, sandbox failure), kept in the
+record as `test_verdicts`; the item's reason starts with the first failed test's verdict, so that the
+failure histogram of results.json counts them. A machine that cannot confine programs raises a UserError
+before any program runs (`--unsafe-no-sandbox` to run them anyway).
 """
 
 from __future__ import annotations
@@ -32,11 +35,12 @@ def score_code(item: dict, completion: str) -> Verdict:
     if not code.strip():
         return Verdict(False, 0.0, code, "no code: the completion holds no program")
     limits = SandboxLimits(timeout_s=float(item.get("timeout_s", SandboxLimits.timeout_s)))
-    passed = run_tests(code, tests, limits)
-    n_ok = sum(passed)
-    details = {"tests_passed": passed}
+    verdicts = run_tests(code, tests, limits)
+    n_ok = sum(v.passed for v in verdicts)
+    details = {"tests_passed": [v.passed for v in verdicts], "test_verdicts": [str(v) for v in verdicts]}
     if n_ok == len(tests):
         return Verdict(True, 1.0, code, f"correct: all {len(tests)} tests passed", details)
-    failed = [i for i, ok in enumerate(passed) if not ok]
+    first = next(i for i, v in enumerate(verdicts) if not v.passed)
+    why = f"; test {first}: {verdicts[first].detail}" if verdicts[first].detail else f"; test {first}"
     return Verdict(False, n_ok / len(tests), code,
-                   f"tests failed: {n_ok}/{len(tests)} passed (failed: {', '.join(map(str, failed))})", details)
+                   f"{verdicts[first].status}: {n_ok}/{len(tests)} tests passed{why}", details)

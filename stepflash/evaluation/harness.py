@@ -25,6 +25,7 @@ from stepflash.evaluation.items import builtin_path, check_task, load_items, loa
 from stepflash.evaluation.math_eval import math_messages, score_math
 from stepflash.evaluation.scoring import Verdict, summarize
 from stepflash.evaluation.tool_eval import MAX_TURNS, replay, run_episodes, score_episode, start_episode
+from stepflash.tasks.sandbox import isolation_level, set_unsafe_no_sandbox
 
 
 @dataclass
@@ -50,6 +51,8 @@ class EvalArgs:
     dtype: str | None = field(default=None, metadata={"help": "float32, bfloat16 or float16 (default: as stored)"})
     chat_template: str = field(default="auto", metadata={
         "help": "'auto' (the checkpoint's), 'builtin' (Step 3.5's) or a Jinja file"})
+    unsafe_no_sandbox: bool = field(default=False, metadata={
+        "help": "code task: run the programs without the sandbox's isolation (only inside a container of your own)"})
 
 
 MESSAGES = {"math": math_messages, "code": code_messages}
@@ -92,6 +95,9 @@ def _text_completions(args: EvalArgs, items: list[dict], policy) -> list[list[st
 def evaluate(args: EvalArgs, policy=None) -> tuple[list[dict], list[list[Verdict]], dict]:
     """Items, verdicts[item][sample] and timing. `policy` overrides the checkpoint (for tests and embedders)."""
     _check_args(args, need_model=policy is None)
+    if args.task == "code":  # refuse before any generation when programs cannot be confined here
+        set_unsafe_no_sandbox(args.unsafe_no_sandbox)
+        isolation_level()
     items = load_items(args.task, args.data, args.limit)
     t0 = time.perf_counter()
     scripted = load_predictions(args.predictions, len(items), args.task) if args.predictions else None

@@ -13,8 +13,9 @@ One step = one rollout batch:
 5. critic: one epoch in `critic_minibatches` mini-batches of 0.5 (V - R)^2.
 
 Whatever the algorithm, the MIS-PO acceptance rates of the batch (token and trajectory windows on pi_old/mu)
-and the mean |log pi_old/mu| are logged: they measure staleness and train/inference mismatch. Every step
-appends one line to OUT/metrics.jsonl; `stepflash plot OUT` draws it. Checkpoints (policy in the release
+and the mean |log pi_old/mu| are logged: they measure staleness and train/inference mismatch; with --task
+code also the rollouts' tests per sandbox verdict (code_passed, code_wrong_answer, code_timeout, ...). Every
+step appends one line to OUT/metrics.jsonl; `stepflash plot OUT` draws it. Checkpoints (policy in the release
 layout + tokenizer; critic, optimizers and rollout snapshots in trainer_state.pt) are published atomically
 under OUT/checkpoints/ and a rerun with the same OUT resumes from the latest one. Rollout seeds and task
 draws depend only on (seed, step), so a resumed run repeats the uninterrupted one.
@@ -42,6 +43,8 @@ from stepflash.errors import UserError
 from stepflash.rl.data_parallel import RankGroup
 from stepflash.rl.rollout import RolloutWorker, collect_rollouts, heldout_accuracy, render_task, task_reward
 from stepflash.rl.step import State, train_step
+from stepflash.tasks.rewards.code_verifier import take_verdict_counts
+from stepflash.tasks.sandbox import isolation_level, set_unsafe_no_sandbox
 
 ALGOS = ("mispo", "ppo", "grpo")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -92,6 +95,8 @@ class RLArgs:
     max_batch_size: int = field(default=64, metadata={"help": "rollout engine batch slots"})
     seed: int = field(default=0, metadata={"help": "seed of task draws, rollouts and mini-batch order"})
     threads: int = field(default=0, metadata={"help": "torch CPU threads (0: torch's default)"})
+    unsafe_no_sandbox: bool = field(default=False, metadata={
+        "help": "code task: run the programs without the sandbox's isolation (only inside a container of your own)"})
 
 
 def check_args(a: RLArgs) -> None:
@@ -136,6 +141,13 @@ def load_tasks(a: RLArgs) -> tuple[list, list]:
 
 
 # ---- the run ------------------------------------------------------------------------------------
+
+def code_verdict_metrics(dp: RankGroup | None) -> dict:
+    """Tests per code-reward verdict (passed, wrong answer, timeout, ...) since the last call, summed over ranks."""
+    counts = take_verdict_counts()
+    totals = dp.sum([float(c) for c in counts.values()]) if dp is not None else list(counts.values())
+    return {f"code_{name.replace(' ', '_')}": int(n) for name, n in zip(counts, totals)}
+
 
 def build_state(a: RLArgs, policy) -> State:
     from stepflash.rl.critic import CriticModel
@@ -212,6 +224,9 @@ def _train_rl(a: RLArgs, train_tasks, test_tasks, reward_fn, log, dp: RankGroup 
 
     if a.threads > 0:
         torch.set_num_threads(a.threads)
+    if a.task == "code":  # refuse before loading anything when programs cannot be confined here
+        set_unsafe_no_sandbox(a.unsafe_no_sandbox)
+        isolation_level()
     if train_tasks is None:
         train_tasks, test_tasks = load_tasks(a)
     if not train_tasks:
@@ -265,12 +280,15 @@ def _train_rl(a: RLArgs, train_tasks, test_tasks, reward_fn, log, dp: RankGroup 
             lo, hi = dp.span(n_prompts)
             tasks, seed = tasks[lo:hi], seed + lo * a.samples_per_prompt
         t0 = time.time()
+        take_verdict_counts()  # drop the held-out evaluation's: the step logs its rollouts' verdicts
         batch = collect_rollouts(st.worker, tok, tasks, [encode(t) for t in tasks], a.samples_per_prompt,
                                  a.max_new_tokens, a.temperature, seed=seed, stop_ids=stop_ids, pad_id=pad_id,
                                  reward_fn=reward_fn)
         t1 = time.time()
         gen = torch.Generator().manual_seed(a.seed * 7919 + step)
         rec = {"step": step + 1, **train_step(a, st, batch, gen, dp, pad_id)}
+        if a.task == "code":
+            rec.update(code_verdict_metrics(dp))
         rec.update({"rollout_s": t1 - t0, "train_s": time.time() - t1})
         last = step + 1 == a.steps
         if (a.eval_every and (step + 1) % a.eval_every == 0) or last:

@@ -1,44 +1,39 @@
-"""Run untrusted Python (model-written code) in a separate, locked-down process.
+"""Run untrusted Python (model-written code) in a process the kernel confines.
 
-Used by the code reward: a completion is executed against its task's tests, and nothing it does may hurt
-the host. Layers, strongest first:
+Used by the code reward and `stepflash eval --task code`: a completion runs against its task's tests, and
+nothing it does may reach the host. The threat model, the layers and what is not promised are in
+`docs/sandbox.md`; in short (isolation "namespaces", the default):
 
-- Namespaces (when the kernel allows unprivileged user namespaces; probed once, see `isolation_level`):
-  `unshare --user --map-root-user --net --pid --ipc --mount`: no network interfaces but a down loopback
-  (kernel-enforced "no network"), a private process tree whose processes all die with it, a fresh /proc
-  (host processes and their environment variables are invisible), the whole filesystem read-only except
-  the empty temporary working directory, home directories hidden.
-- No new processes: unless `allow_subprocess`, a seccomp filter makes the kernel refuse fork/vfork/clone
-  of processes (threads still work), so a fork bomb gets EPERM on its first fork, also as root.
-- Resource limits (`sandbox_boot.py` sets them before the program starts): CPU seconds, address space,
-  largest file written, open files, no core dumps, and the process/thread count (RLIMIT_NPROC; inside
-  the user namespace it counts the sandbox's tasks only).
-- The parent enforces a wall-clock timeout and an output cap and then kills the whole process group
-  (`start_new_session`), so an infinite loop, a sleeping program or a chatty one cannot stall training.
-- Minimal environment: `python -I` (ignores PYTHON* variables and the user site directory) with only
-  PATH, HOME, TMPDIR, LANG and single-thread BLAS settings; nothing is inherited, so no secret in the
-  trainer's environment reaches the program.
-- An audit hook (defence in depth, see `sandbox_boot.py`): no sockets other than local Unix ones inside the
-  working directory, no writes or links outside it, no ctypes calls, no reading other processes' /proc
-  entries, no subprocesses or signals to other processes unless `allow_subprocess`.
+- fresh user, mount, PID, network, IPC, UTS and cgroup namespaces (`sandbox_boot.py` sets them up);
+- a fresh root holding only the interpreter, its stdlib and the system libraries, read-only, plus a private
+  size-limited tmpfs at /tmp (the working directory); no host /tmp, /run, /home, /root, /etc, project tree or
+  sockets; a fresh /proc that shows the sandbox's processes only; no network interface but a down loopback;
+- an unprivileged uid (host uid 65534 when we are root), no capabilities in any set, no_new_privs, and a
+  seccomp filter from libseccomp (`sandbox_policy.py`) that refuses mounts, namespaces, ptrace, bpf, keyrings,
+  file handles, io_uring, other socket families and, unless `allow_subprocess`, new processes and exec;
+- resource limits (CPU seconds, address space, file size, open files, processes) and, in the parent, a
+  wall-clock timeout and an output cap, after which the whole process group is killed (the sandbox's init
+  also dies with its parent, and with it every process of its PID namespace);
+- a minimal environment: `python -I -S` with PATH, HOME, TMPDIR, LANG and single-thread BLAS settings only.
 
-Limitations, stated honestly: without user namespaces (some containers and hardened kernels forbid them;
-`isolation_level()` then says "process" and warns) there is no kernel-level network or filesystem
-isolation, only the audit hook, which determined code can get around; files the host user may write are
-then at risk. The kernel never applies RLIMIT_NPROC to root (nor to root mapped from the host's root), so
-on a root host `allow_subprocess=True` is refused rather than left unbounded. Reads are not restricted
-beyond hiding /proc and home directories. With subprocesses allowed but no PID namespace, a child that
-starts its own session escapes the final process-group kill. Seccomp needs x86_64 or aarch64 (elsewhere
-only the hook stops forks). For adversarial code at scale, run the trainer's sandbox inside a container
-or VM as well.
+When the machine cannot build this (no unprivileged user namespaces, no seccomp, no libseccomp), the first
+use raises a `UserError` saying so: untrusted code never silently runs unconfined. `set_unsafe_no_sandbox`
+(the CLI's `--unsafe-no-sandbox`, for people who already run inside a container of their own) selects
+isolation "none": a host temporary directory, the resource limits, the seccomp filter when libseccomp is
+there, and nothing else.
+
+Besides stdout and stderr the program has a third output, fd 3 (`SandboxResult.results`), which the code
+verifier's test driver uses for the values of the tests' calls.
 """
 
 from __future__ import annotations
 
+import fcntl
 import functools
-import json
+import marshal
 import math
 import os
+import platform
 import selectors
 import shutil
 import signal
@@ -46,25 +41,27 @@ import subprocess
 import sys
 import tempfile
 import time
-import warnings
 from dataclasses import dataclass
 
 from stepflash.errors import UserError
+from stepflash.tasks.sandbox_policy import SUPPORTED_MACHINES, mount_plan, seccomp_bpf
 
 _BOOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "sandbox_boot.py")
-EXIT_SETUP_FAILED = 97  # sandbox_boot.py could not establish the isolation it was asked for
-ISOLATION_LEVELS = ("namespaces", "process")
-_UNSHARE_FLAGS = ["--user", "--map-root-user", "--net", "--pid", "--ipc", "--mount", "--fork", "--kill-child"]
+ISOLATION_LEVELS = ("namespaces", "none")
+SANDBOX_HOST_ID = 65534  # the program's host uid and gid when the parent is root ("nobody"/"nogroup")
+_STATUS_MAX = 4096
+SETUP_TIMEOUT_S = 30.0  # building the sandbox may take this long on a loaded machine before it is a failure
+_unsafe_no_sandbox = False
 
 
 @dataclass(frozen=True)
 class SandboxLimits:
-    timeout_s: float = 2.0  # wall clock, from start to kill
+    timeout_s: float = 2.0  # wall clock, from the program's start to kill (the sandbox's setup is not counted)
     cpu_s: float | None = None  # CPU seconds (default: the wall-clock timeout, rounded up)
     memory_mb: int = 512  # address space
-    max_processes: int = 16  # processes + threads of the sandbox (kernel process limit; see _nproc_limit)
-    max_file_mb: int = 16  # largest file the program may write
-    max_output_bytes: int = 1 << 20  # stdout + stderr kept; more kills the program
+    max_processes: int = 16  # processes + threads of the sandbox
+    max_file_mb: int = 16  # largest file the program may write (and, beyond its own files, the tmpfs size)
+    max_output_bytes: int = 1 << 20  # stdout + stderr + results kept; more kills the program
     allow_subprocess: bool = False
 
     def __post_init__(self):
@@ -76,43 +73,69 @@ class SandboxLimits:
 class SandboxResult:
     stdout: str
     stderr: str
+    results: bytes  # what the program wrote to fd 3
     returncode: int | None  # negative: killed by that signal
     timed_out: bool
     output_limited: bool
     wall_s: float
     isolation: str
+    setup_error: str | None  # None once the program started; else why the sandbox could not be built
+
+    @property
+    def started(self) -> bool:
+        return self.setup_error is None
 
     @property
     def ok(self) -> bool:
-        return self.returncode == 0 and not self.timed_out and not self.output_limited
+        return self.started and self.returncode == 0 and not self.timed_out and not self.output_limited
 
     @property
-    def setup_failed(self) -> bool:
-        return self.returncode == EXIT_SETUP_FAILED and self.stderr.startswith("sandbox:")
+    def memory_limited(self) -> bool:
+        """The program died of the address-space limit (Python raises MemoryError when an allocation fails)."""
+        last = self.stderr.strip().rsplit("\n", 1)[-1]
+        return self.started and self.returncode != 0 and last.startswith("MemoryError")
+
+
+def set_unsafe_no_sandbox(enabled: bool) -> None:
+    """Run programs without the namespaces and the fresh root (`--unsafe-no-sandbox`); see the module docstring."""
+    global _unsafe_no_sandbox
+    if enabled and not _unsafe_no_sandbox:
+        print("stepflash: --unsafe-no-sandbox: model-written programs run without isolation, as "
+              f"uid {os.geteuid()}, with the host's files and network in reach", file=sys.stderr)
+    _unsafe_no_sandbox = enabled
+
+
+def isolation_level() -> str:
+    """"namespaces", or "none" after set_unsafe_no_sandbox(True). Raises UserError (one line) when this
+    machine cannot confine programs; the check runs a probe program once per process."""
+    if _unsafe_no_sandbox:
+        return "none"
+    reason = _namespaces_unavailable()
+    if reason:
+        raise UserError(f"the code sandbox cannot confine programs on this machine ({reason}); it needs "
+                        "unprivileged user namespaces and seccomp (libseccomp). Run where the kernel allows them, "
+                        "or pass --unsafe-no-sandbox if this already runs inside a container you trust")
+    return "namespaces"
+
+
+@functools.lru_cache(maxsize=None)
+def _namespaces_unavailable() -> str | None:
+    """Why isolation "namespaces" does not work here, or None when a probe program ran in it."""
+    if platform.system() != "Linux" or platform.machine() not in SUPPORTED_MACHINES:
+        return f"{platform.system()} on {platform.machine()} is not supported"
+    try:
+        seccomp_bpf(False)
+    except UserError as e:
+        return str(e)
+    probe = run_python("import json, math\nprint('ok')", limits=SandboxLimits(timeout_s=20.0), isolation="namespaces")
+    if probe.ok and probe.stdout == "ok\n":
+        return None
+    return probe.setup_error or f"the probe program failed: {probe.stderr.strip()[-300:]}"
 
 
 def _minimal_env(workdir: str) -> dict[str, str]:
     return {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": workdir, "TMPDIR": workdir, "LANG": "C.UTF-8",
             "LC_ALL": "C.UTF-8", "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-
-
-def _hidden_dirs() -> list[str]:
-    dirs = {"/root", "/home", os.path.expanduser("~")}
-    return sorted(d for d in dirs if d and d != "/")
-
-
-@functools.lru_cache(maxsize=None)
-def isolation_level() -> str:
-    """"namespaces" when unshare can build the full sandbox on this machine (tried once), else "process".
-    The environment variable STEPFLASH_SANDBOX=process forces the weaker level (e.g. for debugging)."""
-    if os.environ.get("STEPFLASH_SANDBOX") == "process" or shutil.which("unshare") is None:
-        return "process"
-    probe = run_python("print('ok')", limits=SandboxLimits(timeout_s=10.0), isolation="namespaces")
-    if probe.ok and probe.stdout == "ok\n":
-        return "namespaces"
-    warnings.warn("sandbox: user namespaces are not available here, so untrusted code runs with process-level "
-                  f"isolation only (no kernel-level network or filesystem isolation): {probe.stderr.strip()[-300:]}")
-    return "process"
 
 
 def _user_threads() -> int:
@@ -130,23 +153,111 @@ def _user_threads() -> int:
 
 
 def _nproc_limit(level: str, limits: SandboxLimits) -> int | None:
-    """RLIMIT_NPROC for the sandbox. In its own user namespace the kernel counts only the sandbox's tasks;
-    without one it counts every task of the host user, so the limit is set above the current count, and
-    only when subprocesses are allowed (otherwise seccomp already forbids new processes). The kernel never
-    applies the limit to root, hence the refusal: there would be nothing bounding a fork bomb."""
-    if limits.allow_subprocess and os.geteuid() == 0:
-        raise UserError("allow_subprocess needs the kernel's process limit, which does not apply to root; "
-                        "run the sandbox as a non-root user or keep subprocesses off")
+    """RLIMIT_NPROC. In its own user namespace the kernel counts only the sandbox's tasks (its uid is not root,
+    and it has no capabilities, so the limit applies). Unconfined it counts every task of the host user,
+    and never applies to root: there, subprocesses are refused rather than left unbounded."""
     if level == "namespaces":
         return limits.max_processes
-    return _user_threads() + limits.max_processes if limits.allow_subprocess else None
+    if limits.allow_subprocess and os.geteuid() == 0:
+        raise UserError("allow_subprocess without the sandbox needs the kernel's process limit, which does not "
+                        "apply to root; run as a non-root user or keep subprocesses off")
+    return None if os.geteuid() == 0 else _user_threads() + limits.max_processes
 
 
-def _command(isolation: str, cfg: dict) -> list[str]:
-    cmd = [sys.executable, "-I", _BOOT, json.dumps(cfg)]
-    if isolation == "namespaces":
-        cmd = [shutil.which("unshare") or "unshare", *_UNSHARE_FLAGS, *cmd]
-    return cmd
+def _sealed_memfd(data: bytes) -> int:
+    """A read-only in-memory file (sealed: nobody, the program included, can change it)."""
+    fd = os.memfd_create("stepflash-sandbox", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+    fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SEAL | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_WRITE)
+    os.lseek(fd, 0, os.SEEK_SET)
+    return fd
+
+
+def _check_files(files: dict[str, str], entry: str) -> None:
+    if entry not in files:
+        raise UserError(f"sandbox entry {entry!r} is not among the files {sorted(files)}")
+    for name in files:
+        norm = os.path.normpath(name)
+        if os.path.isabs(norm) or norm == ".." or norm.startswith("../") or norm == ".":
+            raise UserError(f"sandbox file name {name!r} leaves the working directory")
+
+
+def _request(level: str, files: dict[str, str], entry: str, limits: SandboxLimits, workdir: str) -> dict:
+    size_mb = math.ceil(sum(len(t.encode()) for t in files.values()) / (1 << 20))
+    try:
+        bpf = seccomp_bpf(limits.allow_subprocess).hex()
+    except UserError:
+        if level != "none":
+            raise
+        bpf = None  # unconfined and without libseccomp: the resource limits are all there is
+    plan = mount_plan()
+    host_uid, host_gid = (SANDBOX_HOST_ID, SANDBOX_HOST_ID) if os.geteuid() == 0 else (os.geteuid(), os.getegid())
+    return {"isolation": level, "files": files, "entry": entry, "workdir": workdir, "seccomp_bpf": bpf,
+            "plan": plan,
+            "host_uid": host_uid, "host_gid": host_gid,
+            "limits": {"cpu_s": math.ceil(limits.cpu_s or limits.timeout_s), "memory_mb": limits.memory_mb,
+                       "max_file_mb": limits.max_file_mb, "nproc": _nproc_limit(level, limits),
+                       "work_mb": limits.max_file_mb + size_mb + 1}}
+
+
+def run_python(code: str | dict[str, str], stdin: str = "", limits: SandboxLimits = SandboxLimits(),
+               entry: str = "main.py", isolation: str | None = None) -> SandboxResult:
+    """Run `code` (the text of main.py, or {file name: text} with `entry` the one to run) with `stdin`, in a
+    fresh private working directory that disappears afterwards. isolation: "namespaces" or "none" (None: the
+    level `isolation_level()` allows)."""
+    level = isolation or isolation_level()
+    if level not in ISOLATION_LEVELS:
+        raise UserError(f"sandbox isolation must be one of {ISOLATION_LEVELS}, got {level!r}")
+    files = {entry: code} if isinstance(code, str) else dict(code)
+    _check_files(files, entry)
+    workdir = "/tmp" if level == "namespaces" else tempfile.mkdtemp(prefix="stepflash-sandbox-")
+    fds = []
+    try:
+        results_r, results_w = os.pipe()
+        status_r, status_w = os.pipe()
+        fds += [results_r, results_w, status_r, status_w]
+        req = _request(level, files, entry, limits, workdir)
+        req.update(status_fd=status_w, results_fd=results_w)
+        req_fd = _sealed_memfd(marshal.dumps(req))
+        stdin_fd = _sealed_memfd(stdin.encode())
+        fds += [req_fd, stdin_fd]
+        start = time.monotonic()
+        proc = subprocess.Popen([sys.executable, "-I", "-S", _BOOT, str(req_fd)], stdin=stdin_fd,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd="/", env=_minimal_env(workdir),
+                                start_new_session=True, close_fds=True, pass_fds=(req_fd, results_w, status_w))
+        for fd in (req_fd, stdin_fd, results_w, status_w):  # the child has its copies
+            os.close(fd)
+            fds.remove(fd)
+        try:
+            out, err, results, status, timed_out, limited = _collect(proc, results_r, status_r, limits)
+        finally:
+            _kill_group(proc.pid)
+            proc.stdout.close()
+            proc.stderr.close()
+            proc.wait()
+        return SandboxResult(stdout=out.decode("utf-8", "replace"), stderr=err.decode("utf-8", "replace"),
+                             results=results, returncode=proc.returncode, timed_out=timed_out, output_limited=limited,
+                             wall_s=time.monotonic() - start, isolation=level,
+                             setup_error=_setup_error(status, timed_out, err))
+    finally:
+        for fd in fds:
+            os.close(fd)
+        if level == "none":
+            _remove_tree(workdir)
+
+
+def _setup_error(status: bytes, timed_out: bool, stderr: bytes) -> str | None:
+    line = status.decode("utf-8", "replace").split("\n", 1)[0]
+    if line == "ok":
+        return None
+    if line.startswith("error: "):
+        return line[len("error: "):]
+    if timed_out:
+        return f"the sandbox was not ready within {SETUP_TIMEOUT_S:g} s"
+    return "the sandbox ended before the program started: " + (stderr.decode("utf-8", "replace").strip()[-300:]
+                                                               or "no message")
 
 
 def _exited(pid: int) -> bool:
@@ -164,11 +275,15 @@ def _kill_group(pid: int) -> None:
         pass
 
 
-def _collect(proc: subprocess.Popen, limits: SandboxLimits) -> tuple[bytes, bytes, bool, bool]:
-    """Read stdout/stderr until both close, the deadline passes or the output cap is hit; always ends
-    with the process group killed (which also ends background children that kept the pipes open)."""
-    deadline = time.monotonic() + limits.timeout_s
-    bufs = {proc.stdout.fileno(): bytearray(), proc.stderr.fileno(): bytearray()}
+def _collect(proc: subprocess.Popen, results_fd: int, status_fd: int, limits: SandboxLimits):
+    """Read stdout, stderr, the results and the status pipe until all close, the deadline passes or the output
+    cap is hit; always ends with the process group killed (which also ends children that kept pipes open).
+    The program's timeout starts when the status pipe says "ok", so a slow setup on a busy machine does not
+    eat the program's time (and turn a correct program into a timeout)."""
+    deadline = time.monotonic() + SETUP_TIMEOUT_S + limits.timeout_s
+    started = False
+    capped = [proc.stdout.fileno(), proc.stderr.fileno(), results_fd]
+    bufs = {fd: bytearray() for fd in capped + [status_fd]}
     sel = selectors.DefaultSelector()
     for fd in bufs:
         os.set_blocking(fd, False)
@@ -187,8 +302,12 @@ def _collect(proc: subprocess.Popen, limits: SandboxLimits) -> tuple[bytes, byte
             if not data:
                 sel.unregister(key.fd)
                 continue
-            bufs[key.fd] += data
-        if sum(len(b) for b in bufs.values()) > limits.max_output_bytes:
+            if key.fd != status_fd or len(bufs[key.fd]) < _STATUS_MAX:
+                bufs[key.fd] += data
+            if key.fd == status_fd and not started and bufs[status_fd].startswith(b"ok\n"):
+                started = True
+                deadline = time.monotonic() + limits.timeout_s
+        if sum(len(bufs[fd]) for fd in capped) > limits.max_output_bytes:
             limited = True
             break
         if not killed and _exited(proc.pid):
@@ -196,30 +315,12 @@ def _collect(proc: subprocess.Popen, limits: SandboxLimits) -> tuple[bytes, byte
             killed = True
     _kill_group(proc.pid)
     sel.close()
-    proc.wait()
-    out, err = (bytes(b[: limits.max_output_bytes]) for b in bufs.values())
-    return out, err, timed_out, limited
-
-
-def _write_files(root: str, files: dict[str, str], stdin: str) -> tuple[str, str]:
-    """root/work (the program's working directory, holding `files`) and root/stdin (outside it)."""
-    workdir = os.path.join(root, "work")
-    os.mkdir(workdir)
-    for name, text in files.items():
-        path = os.path.realpath(os.path.join(workdir, name))
-        if not path.startswith(workdir + os.sep):
-            raise UserError(f"sandbox file name {name!r} leaves the working directory")
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        with open(path, "w", encoding="utf-8") as f:
-            f.write(text)
-    stdin_path = os.path.join(root, "stdin")
-    with open(stdin_path, "w", encoding="utf-8") as f:
-        f.write(stdin)
-    return workdir, stdin_path
+    out, err, results = (bytes(bufs[fd][: limits.max_output_bytes]) for fd in capped)
+    return out, err, results, bytes(bufs[status_fd]), timed_out, limited
 
 
 def _remove_tree(root: str) -> None:
-    """Delete the sandbox directory even if the program took the permissions off its subdirectories."""
+    """Delete the unconfined run's directory even if the program took the permissions off its subdirectories."""
     for dirpath, dirnames, _ in os.walk(root):
         for d in dirnames:
             path = os.path.join(dirpath, d)
@@ -229,55 +330,3 @@ def _remove_tree(root: str) -> None:
                 except OSError:
                     pass
     shutil.rmtree(root, ignore_errors=True)
-
-
-def run_python(code: str | dict[str, str], stdin: str = "", limits: SandboxLimits = SandboxLimits(),
-               entry: str = "main.py", secret: bytes | None = None, isolation: str | None = None,
-               guard: bool = True) -> SandboxResult:
-    """Run `code` (the text of main.py, or {file name: text} with `entry` the one to run) with `stdin`,
-    in a fresh empty working directory that is deleted afterwards.
-
-    secret: bytes handed to the entry program as the global `__sandbox_secret__` (never on disk, argv or
-    environment), e.g. a nonce the test driver prints only after the tests ran.
-    isolation: "namespaces" or "process"; None picks the strongest this machine supports.
-    guard=False leaves out the audit hook (only for testing the kernel-level layers on their own)."""
-    level = isolation or isolation_level()
-    if level not in ISOLATION_LEVELS:
-        raise UserError(f"sandbox isolation must be one of {ISOLATION_LEVELS}, got {level!r}")
-    files = {entry: code} if isinstance(code, str) else dict(code)
-    if entry not in files:
-        raise UserError(f"sandbox entry {entry!r} is not among the files {sorted(files)}")
-    if secret is not None and len(secret) > 4096:
-        raise UserError(f"sandbox secret is limited to 4096 bytes, got {len(secret)}")
-    nproc_limit = _nproc_limit(level, limits)
-    root = tempfile.mkdtemp(prefix="stepflash-sandbox-")
-    secret_r = None
-    try:
-        workdir, stdin_path = _write_files(root, files, stdin)
-        if secret is not None:
-            secret_r, secret_w = os.pipe()
-            os.write(secret_w, secret)  # small: fits the pipe buffer, no writer thread needed
-            os.close(secret_w)
-        cfg = {"workdir": workdir, "entry": entry, "isolate_fs": level == "namespaces", "hide": _hidden_dirs(),
-               "cpu_s": limits.cpu_s or math.ceil(limits.timeout_s), "memory_mb": limits.memory_mb,
-               "max_file_mb": limits.max_file_mb, "nproc_limit": nproc_limit,
-               "allow_subprocess": limits.allow_subprocess, "secret_fd": secret_r, "guard": guard}
-        start = time.monotonic()
-        with open(stdin_path, "rb") as stdin_f:
-            proc = subprocess.Popen(_command(level, cfg), stdin=stdin_f, stdout=subprocess.PIPE,
-                                    stderr=subprocess.PIPE, cwd=workdir, env=_minimal_env(workdir),
-                                    start_new_session=True, close_fds=True,
-                                    pass_fds=() if secret_r is None else (secret_r,))
-        try:
-            out, err, timed_out, limited = _collect(proc, limits)
-        finally:
-            _kill_group(proc.pid)
-            proc.stdout.close()
-            proc.stderr.close()
-        return SandboxResult(stdout=out.decode("utf-8", "replace"), stderr=err.decode("utf-8", "replace"),
-                             returncode=proc.returncode, timed_out=timed_out, output_limited=limited,
-                             wall_s=time.monotonic() - start, isolation=level)
-    finally:
-        if secret_r is not None:
-            os.close(secret_r)
-        _remove_tree(root)

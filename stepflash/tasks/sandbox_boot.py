@@ -1,239 +1,374 @@
-"""Runs inside the sandbox process, before the untrusted program: lock it down, then run it.
+"""Runs before the untrusted program, in the process `sandbox.py` starts: confine it, then run the program.
 
-`sandbox.py` starts `python -I sandbox_boot.py CONFIG_JSON` (inside fresh namespaces when the kernel
-allows it). This script uses only the standard library and never imports stepflash. In order:
-1. filesystem (namespaces mode only): a fresh /proc for the new PID namespace (host processes and their
-   environments become invisible), the working directory bind-mounted writable, home directories covered
-   with empty tmpfs, then every other mount remounted read-only. Any failure exits with status 97
-   (fail closed: the host then reports a sandbox error instead of running the code unprotected);
-2. resource limits: CPU seconds, address space, file size, processes/threads, open files, no core dumps;
-   unless subprocesses are allowed, a seccomp filter makes the kernel refuse fork/vfork/clone of new
-   processes (threads stay possible), which stops fork bombs also where the process limit does not apply;
-3. an audit hook (PEP 578) that refuses network sockets, writes or links outside the working directory,
-   opening directories outside it, ctypes calls, process creation and signals (unless subprocesses are allowed).
-   The hook is defence in depth and stops casual misuse; it is not a security boundary on its own
-   (Python code can be crafted around audit hooks). The kernel layers above are the boundary;
-4. `runpy.run_path(entry)` as `__main__`, with the working directory first on sys.path.
+Started as `python -I -S sandbox_boot.py REQUEST_FD` with stdin, stdout and stderr already in place. The request
+(JSON in a sealed memfd, built by the trusted parent) holds the program's files, the limits, the mount plan and
+the seccomp filter as BPF compiled by libseccomp in the parent. This script uses only the standard library and
+never imports stepflash. Processes, for isolation "namespaces":
+
+    boot (host side, the starting user)          writes the child's uid/gid maps, waits, relays the exit status
+     └ keeper (new user, mount, net, IPC, UTS, cgroup and PID namespaces)   forks the init, waits, relays
+        └ init (PID 1 of the new PID namespace)  builds the fresh root, drops every privilege, runs the program
+
+The init: bind-mounts the interpreter, its stdlib and the system libraries read-only into a fresh tmpfs root
+(installed packages hidden), adds /dev/null & co., a fresh /proc and a private size-limited tmpfs at /tmp (the
+working directory), `pivot_root`s into it and detaches the host's tree; then sets the resource limits, clears
+every capability (effective, permitted, inheritable, ambient, bounding), sets no_new_privs and loads the
+seccomp filter; it runs as an unprivileged uid (host uid 65534 when the host user is root, else the host
+user's own uid; inside the namespace uid 1000). Only then does it report "ok" on the status pipe, close it
+and run the program as __main__. Any failure before that writes "error: ..." on the status pipe and exits,
+so the parent never mistakes a half-built sandbox for a running one (the program cannot write there: the
+pipe is closed in every process before the program starts).
+
+Isolation "none" (`--unsafe-no-sandbox`): no namespaces and no seccomp; the working directory is a host
+temporary directory, and only the resource limits and no_new_privs apply.
 """
 
-import json
+import ctypes
+import marshal
 import os
 import resource
-import runpy
+import signal
+import stat
 import sys
 
 EXIT_SETUP_FAILED = 97
-_MS_RDONLY, _MS_NOSUID, _MS_NODEV, _MS_NOEXEC, _MS_REMOUNT = 1, 2, 4, 8, 32
-_MS_NOATIME, _MS_NODIRATIME, _MS_BIND, _MS_RELATIME = 1024, 2048, 4096, 1 << 21
-# Flags a user namespace may not clear on a mount it inherited: a remount must repeat them.
-_KEEP_FLAGS = {"nosuid": _MS_NOSUID, "nodev": _MS_NODEV, "noexec": _MS_NOEXEC, "noatime": _MS_NOATIME,
-               "nodiratime": _MS_NODIRATIME, "relatime": _MS_RELATIME}
+INNER_ID = 1000  # the program's uid and gid inside its user namespace
+CLONE_NEWNS, CLONE_NEWCGROUP, CLONE_NEWUTS, CLONE_NEWIPC = 0x00020000, 0x02000000, 0x04000000, 0x08000000
+CLONE_NEWUSER, CLONE_NEWPID, CLONE_NEWNET = 0x10000000, 0x20000000, 0x40000000
+NAMESPACES = CLONE_NEWUSER | CLONE_NEWNS | CLONE_NEWNET | CLONE_NEWIPC | CLONE_NEWUTS | CLONE_NEWCGROUP | CLONE_NEWPID
+MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_REMOUNT, MS_NOATIME, MS_NODIRATIME = 1, 2, 4, 8, 32, 1024, 2048
+MS_BIND, MS_REC, MS_PRIVATE, MS_RELATIME, MS_STRICTATIME = 4096, 16384, 1 << 18, 1 << 21, 1 << 24
+MNT_DETACH, AT_FDCWD, AT_RECURSIVE = 2, -100, 0x8000
+MOUNT_ATTR_RDONLY, MOUNT_ATTR_NOSUID, MOUNT_ATTR_NODEV = 1, 2, 4
+PR_SET_PDEATHSIG, PR_GET_SECCOMP, PR_SET_SECCOMP, PR_CAPBSET_DROP = 1, 21, 22, 24
+PR_SET_NO_NEW_PRIVS, PR_GET_NO_NEW_PRIVS, PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL = 38, 39, 47, 4
+SECCOMP_MODE_FILTER = 2
+SYSCALLS = {"x86_64": {"pivot_root": 155, "mount_setattr": 442}, "aarch64": {"pivot_root": 41, "mount_setattr": 442}}
+
+libc = ctypes.CDLL(None, use_errno=True)
 
 
-def _inside(path: str, root: str) -> bool:
-    return path == root or path.startswith(root.rstrip("/") + "/")
+class SetupError(Exception):
+    pass
 
 
-def _unescape(field: str) -> str:
-    """/proc/self/mounts writes space, tab, newline and backslash as octal escapes."""
-    for code, ch in (("\\040", " "), ("\\011", "\t"), ("\\012", "\n"), ("\\134", "\\")):
-        field = field.replace(code, ch)
-    return field
-
-
-def _lock_filesystem(workdir: str, hide: list[str]) -> None:
-    import ctypes
-
-    libc = ctypes.CDLL(None, use_errno=True)
-
-    def mount(src, target, fstype, flags, data=None):
-        if libc.mount(src.encode(), target.encode(), fstype.encode() if fstype else None,
-                      ctypes.c_ulong(flags), data.encode() if data else None) != 0:
-            err = ctypes.get_errno()
-            raise OSError(err, f"mount {target}: {os.strerror(err)}")
-
-    if os.getpid() == 1:  # first process of a fresh PID namespace: give it its own /proc
-        mount("proc", "/proc", "proc", _MS_NOSUID | _MS_NODEV | _MS_NOEXEC)
-    mount(workdir, workdir, None, _MS_BIND)
-    needed = [os.path.realpath(p) for p in sys.path if p] + [workdir, os.path.realpath(sys.executable)]
-    for path in hide:
-        if os.path.isdir(path) and not any(_inside(n, path) for n in needed):
-            mount("tmpfs", path, "tmpfs", _MS_NOSUID | _MS_NODEV, "size=64k,mode=755")
-    with open("/proc/self/mounts") as f:
-        mounts = [line.split() for line in f]
-    for _, target, _, opts, *_ in mounts:
-        target, opts = _unescape(target), opts.split(",")
-        if target == workdir:
-            continue
-        flags = _MS_REMOUNT | _MS_BIND | _MS_RDONLY
-        for name, bit in _KEEP_FLAGS.items():
-            flags |= bit if name in opts else 0
-        try:
-            mount("none", target, None, flags)
-        except OSError:
-            if "ro" not in opts:  # a mount we could not make read-only and that is writable
-                raise
-
-
-# seccomp: kernel-level "no new processes" (fork, vfork, clone without CLONE_THREAD; clone3 answers ENOSYS
-# so that glibc falls back to clone for threads). Per architecture: (AUDIT_ARCH, fork/vfork numbers, clone, clone3).
-_SECCOMP_ARCH = {"x86_64": (0xC000003E, (57, 58), 56, 435), "aarch64": (0xC00000B7, (), 220, 435)}
-_CLONE_THREAD = 0x00010000
-
-
-def _seccomp_program(arch: int, forks: tuple, clone: int, clone3: int) -> list[tuple[int, int, int, int]]:
-    ld_w, jeq, jge, jset, ret = 0x20, 0x15, 0x35, 0x45, 0x06
-    allow, eperm, enosys = 0x7FFF0000, 0x00050000 | 1, 0x00050000 | 38
-    prog = [(ld_w, 0, 0, 4), (jeq, 1, 0, arch), (ret, 0, 0, eperm),  # another ABI (e.g. i386): refuse
-            (ld_w, 0, 0, 0), (jge, 0, 1, 0x40000000), (ret, 0, 0, eperm)]  # x32 syscall numbers: refuse
-    for nr in forks:
-        prog += [(jeq, 0, 1, nr), (ret, 0, 0, eperm)]
-    prog += [(jeq, 0, 1, clone3), (ret, 0, 0, enosys),
-             (jeq, 0, 3, clone), (ld_w, 0, 0, 16), (jset, 1, 0, _CLONE_THREAD), (ret, 0, 0, eperm),
-             (ret, 0, 0, allow)]
-    return prog
-
-
-def _block_new_processes() -> bool:
-    """Install the seccomp filter; False when this architecture is not in the table."""
-    import ctypes
-    import platform
-
-    spec = _SECCOMP_ARCH.get(platform.machine())
-    if spec is None:
-        return False
-
-    class Insn(ctypes.Structure):
-        _fields_ = [("code", ctypes.c_uint16), ("jt", ctypes.c_uint8), ("jf", ctypes.c_uint8), ("k", ctypes.c_uint32)]
-
-    class Prog(ctypes.Structure):
-        _fields_ = [("len", ctypes.c_uint16), ("filter", ctypes.POINTER(Insn))]
-
-    insns = _seccomp_program(*spec)
-    table = (Insn * len(insns))(*[Insn(*i) for i in insns])
-    prog = Prog(len(insns), table)
-    libc = ctypes.CDLL(None, use_errno=True)
-    pr_set_no_new_privs, pr_set_seccomp, seccomp_mode_filter = 38, 22, 2
-    if libc.prctl(pr_set_no_new_privs, 1, 0, 0, 0) != 0 or \
-            libc.prctl(pr_set_seccomp, seccomp_mode_filter, ctypes.byref(prog), 0, 0) != 0:
+def _check(ret: int, what: str) -> int:
+    if ret < 0:
         err = ctypes.get_errno()
-        raise OSError(err, f"seccomp: {os.strerror(err)}")
-    return True
+        raise SetupError(f"{what}: {os.strerror(err)}")
+    return ret
 
 
-def _set_limits(cfg: dict) -> None:
+def _syscall(name: str, *args) -> int:
+    return _check(libc.syscall(SYSCALLS[os.uname().machine][name], *args), name)
+
+
+def _mount(src, target: str, fstype=None, flags: int = 0, data=None) -> None:
+    enc = lambda s: s.encode() if isinstance(s, str) else s  # noqa: E731
+    _check(libc.mount(enc(src), enc(target), enc(fstype), ctypes.c_ulong(flags), enc(data)), f"mount {target}")
+
+
+def _prctl(option: int, arg2=0, arg3=0) -> int:
+    return _check(libc.prctl(option, ctypes.c_ulong(arg2), ctypes.c_ulong(arg3), ctypes.c_ulong(0),
+                             ctypes.c_ulong(0)), f"prctl {option}")
+
+
+# ---- the fresh root --------------------------------------------------------------------------------
+
+class _MountAttr(ctypes.Structure):
+    _fields_ = [("attr_set", ctypes.c_uint64), ("attr_clr", ctypes.c_uint64), ("propagation", ctypes.c_uint64),
+                ("userns_fd", ctypes.c_uint64)]
+
+
+def _read_only(path: str) -> None:
+    """Make the bind mount at `path` (and everything below it) read-only, nosuid and nodev. Flags the host
+    locked on the source (noexec, atime) must be repeated by a plain remount; mount_setattr only adds flags."""
+    attr = _MountAttr(MOUNT_ATTR_RDONLY | MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV, 0, 0, 0)
+    if libc.syscall(SYSCALLS[os.uname().machine]["mount_setattr"], AT_FDCWD, path.encode(), AT_RECURSIVE,
+                    ctypes.byref(attr), ctypes.sizeof(attr)) == 0:
+        return
+    if ctypes.get_errno() != 38:  # anything but ENOSYS (kernels before 5.12)
+        _check(-1, f"mount_setattr {path}")
+    st = os.statvfs(path).f_flag
+    flags = MS_REMOUNT | MS_BIND | MS_RDONLY | MS_NOSUID | MS_NODEV | (MS_NOEXEC if st & os.ST_NOEXEC else 0)
+    flags |= MS_NOATIME if st & os.ST_NOATIME else MS_RELATIME if st & os.ST_RELATIME else MS_STRICTATIME
+    flags |= MS_NODIRATIME if st & os.ST_NODIRATIME else 0
+    _mount(None, path, None, flags)
+
+
+def _mount_point(path: str, is_dir: bool) -> None:
+    if is_dir:
+        os.makedirs(path, exist_ok=True)
+    else:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        os.close(os.open(path, os.O_CREAT | os.O_WRONLY, 0o644))
+
+
+def _open_sources(plan: dict) -> dict:
+    """O_PATH fds of the host paths to bind, opened by the keeper before it takes the sandbox's uid, which
+    could not reach a stdlib under /root (mode 700), say. Closed before the program starts."""
+    def opened(path):
+        fd = os.open(path, os.O_PATH | os.O_CLOEXEC)
+        return path, fd, stat.S_ISDIR(os.fstat(fd).st_mode)
+    return {"binds": [opened(p) for p in plan["binds"]], "devices": [opened(d) for d in plan["devices"]]}
+
+
+def _close_sources(sources: dict) -> None:
+    for _, fd, _ in sources["binds"] + sources["devices"]:
+        os.close(fd)
+
+
+def _build_root(plan: dict, sources: dict, work_mb: int) -> None:
+    base = plan["base"]
+    _mount(None, "/", None, MS_REC | MS_PRIVATE)  # nothing below propagates back to the host
+    _mount("tmpfs", base, "tmpfs", MS_NOSUID | MS_NODEV, "size=1m,nr_inodes=4096,mode=755")
+    for src, fd, is_dir in sources["binds"]:  # through the fd: the unprivileged uid may not traverse the path
+        dst = base + src
+        _mount_point(dst, is_dir)
+        _mount(f"/proc/self/fd/{fd}", dst, None, MS_BIND | MS_REC)
+        _read_only(dst)
+    for path in plan["hide"]:  # installed packages under a bound directory: covered by an empty directory
+        _mount("tmpfs", base + path, "tmpfs", MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC, "size=4k,mode=555")
+    for path, target in plan["symlinks"]:
+        os.makedirs(os.path.dirname(base + path), exist_ok=True)
+        os.symlink(target, base + path)
+    os.makedirs(base + "/dev", exist_ok=True)
+    for dev, fd, _ in sources["devices"]:  # bound writable: a read-only mount would refuse writes to /dev/null
+        _mount_point(base + dev, False)
+        _mount(f"/proc/self/fd/{fd}", base + dev, None, MS_BIND)
+    for name, target in (("fd", "/proc/self/fd"), ("stdin", "/proc/self/fd/0"), ("stdout", "/proc/self/fd/1"),
+                         ("stderr", "/proc/self/fd/2")):
+        os.symlink(target, f"{base}/dev/{name}")
+    os.mkdir(base + "/proc")
+    try:  # the PID namespace's own /proc; refused where the host's /proc is partly masked (e.g. in Docker)
+        _mount("proc", base + "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
+    except SetupError:
+        pass
+    os.mkdir(base + "/tmp")
+    _mount("tmpfs", base + "/tmp", "tmpfs", MS_NOSUID | MS_NODEV | MS_NOEXEC,
+           f"size={work_mb}m,nr_inodes=1024,mode=700")
+    libc.sethostname(b"sandbox", 7)
+    os.chdir(base)
+    _syscall("pivot_root", b".", b".")  # the host's tree is now stacked under "." ...
+    _check(libc.umount2(b".", MNT_DETACH), "umount old root")  # ... and detached from this namespace
+    os.chdir("/")
+    _mount(None, "/", None, MS_REMOUNT | MS_RDONLY | MS_NOSUID | MS_NODEV)
+
+
+# ---- privileges -------------------------------------------------------------------------------------
+
+class _CapHeader(ctypes.Structure):
+    _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
+
+
+class _CapData(ctypes.Structure):
+    _fields_ = [("effective", ctypes.c_uint32), ("permitted", ctypes.c_uint32), ("inheritable", ctypes.c_uint32)]
+
+
+class _SockFprog(ctypes.Structure):
+    _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_void_p)]
+
+
+def _drop_capabilities() -> None:
+    """Clear the ambient, bounding, inheritable, permitted and effective sets (in the user namespace the
+    keeper created, this process started with all of them)."""
+    _prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL)
+    for cap in range(64):
+        if libc.prctl(PR_CAPBSET_DROP, ctypes.c_ulong(cap), ctypes.c_ulong(0), ctypes.c_ulong(0),
+                      ctypes.c_ulong(0)) != 0:
+            if ctypes.get_errno() == 22:  # EINVAL: past the last capability this kernel knows
+                break
+            _check(-1, f"dropping capability {cap} from the bounding set")
+    header, data = _CapHeader(0x20080522, 0), (_CapData * 2)()  # _LINUX_CAPABILITY_VERSION_3, all zero
+    _check(libc.capset(ctypes.byref(header), data), "capset")
+
+
+def _capabilities_held() -> bool:
+    header, data = _CapHeader(0x20080522, 0), (_CapData * 2)()
+    _check(libc.capget(ctypes.byref(header), data), "capget")
+    return any(d.effective or d.permitted or d.inheritable for d in data)
+
+
+def _drop_privileges(bpf: bytes | None, confined: bool) -> None:
+    """no_new_privs, no capabilities (confined only: unconfined, a non-root user has none and root keeps its
+    own), then the seccomp filter, which would refuse some of the calls before it. Checked afterwards."""
+    _prctl(PR_SET_NO_NEW_PRIVS, 1)
+    if confined:
+        _drop_capabilities()
+    if bpf is not None:
+        buf = ctypes.create_string_buffer(bpf, len(bpf))
+        prog = _SockFprog(len(bpf) // 8, ctypes.cast(buf, ctypes.c_void_p))
+        _prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, ctypes.addressof(prog))
+    if libc.prctl(PR_GET_NO_NEW_PRIVS, 0, 0, 0, 0) != 1 or \
+            (bpf is not None and libc.prctl(PR_GET_SECCOMP, 0, 0, 0, 0) != 2) or \
+            (confined and (_capabilities_held() or os.getuid() == 0)):
+        raise SetupError("privileges are still held after dropping them")
+
+
+def _set_limits(limits: dict) -> None:
     mb = 1 << 20
-    cpu = int(cfg["cpu_s"])
-    for res, value in ((resource.RLIMIT_CPU, (cpu, cpu + 1)),
-                       (resource.RLIMIT_AS, (cfg["memory_mb"] * mb,) * 2),
-                       (resource.RLIMIT_FSIZE, (cfg["max_file_mb"] * mb,) * 2),
+    for res, value in ((resource.RLIMIT_CPU, (limits["cpu_s"], limits["cpu_s"] + 1)),
+                       (resource.RLIMIT_AS, (limits["memory_mb"] * mb,) * 2),
+                       (resource.RLIMIT_FSIZE, (limits["max_file_mb"] * mb,) * 2),
                        (resource.RLIMIT_NOFILE, (64, 64)),
                        (resource.RLIMIT_CORE, (0, 0))):
         resource.setrlimit(res, value)
-    if cfg["nproc_limit"] is not None:  # the kernel counts processes and threads of this user
-        resource.setrlimit(resource.RLIMIT_NPROC, (cfg["nproc_limit"],) * 2)
+    if limits["nproc"] is not None:  # processes + threads of this uid (in its own user namespace, the sandbox's)
+        resource.setrlimit(resource.RLIMIT_NPROC, (limits["nproc"],) * 2)
 
 
-def _install_guard(workdir: str, allow_subprocess: bool) -> None:
-    """PEP 578 audit hook: refuses the events listed in the module docstring with PermissionError."""
-    import socket
+# ---- the processes ------------------------------------------------------------------------------------
 
-    write_flags = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
-    fs_events = {"os.rename", "os.remove", "os.rmdir", "os.mkdir", "os.symlink", "os.link", "os.truncate",
-                 "os.chmod", "os.chown", "os.utime", "os.chflags", "os.lchflags", "shutil.rmtree", "os.mkfifo",
-                 "os.mknod"}
-    process_events = {"os.fork", "os.forkpty", "os.system", "os.posix_spawn", "os.spawn", "os.exec",
-                      "subprocess.Popen", "pty.spawn"}
-    # ctypes may be imported (numpy does) but not used: calls and raw memory access are refused.
-    ctypes_events = {"ctypes.call_function", "ctypes.cdata", "ctypes.cdata/buffer", "ctypes.string_at",
-                     "ctypes.wstring_at", "ctypes.PyObj_FromPtr", "ctypes.set_errno"}
-    blocked_modules = {"_cffi_backend"}
-    real, deny_dirs = os.path.realpath, os.path.isdir
-    own_pid = os.getpid()
-    pid_namespace = own_pid == 1
-    standard_streams = {"/dev/stdin", "/dev/stdout", "/dev/stderr", "/proc/self/fd/0", "/proc/self/fd/1",
-                        "/proc/self/fd/2"}
-
-    def resolve(p):
-        return real(os.fsdecode(os.fspath(p)))
-
-    def deny(what):
-        raise PermissionError(f"sandbox: {what} is not allowed")
-
-    def guard(event, args):
-        if event == "open":
-            path, _, flags = args
-            if path is None or isinstance(path, int):
-                return
-            if os.fsdecode(os.fspath(path)) in standard_streams:
-                return
-            target = resolve(path)
-            if _inside(target, workdir) or target == "/dev/null":
-                return
-            if flags & write_flags:
-                deny(f"writing {target}")
-            if deny_dirs(target):
-                deny(f"opening directory {target}")
-            pid = target.split("/")[2] if target.startswith("/proc/") else ""
-            if pid.isdigit() and int(pid) != own_pid:
-                deny(f"reading {target}")  # another process's memory maps, environment, ...
-        elif event in fs_events:
-            for a in args:
-                if isinstance(a, (str, bytes, os.PathLike)) and not _inside(resolve(a), workdir):
-                    deny(f"{event} on {os.fsdecode(os.fspath(a))}")
-        elif event == "socket.__new__":
-            if args[1] != socket.AF_UNIX:
-                deny("network access")
-        elif event in ("socket.connect", "socket.bind", "socket.sendto", "socket.sendmsg"):
-            addr = args[1] if len(args) > 1 else None
-            abstract = isinstance(addr, (str, bytes)) and addr[:1] in ("\0", b"\0")  # no path: a host-wide name
-            if abstract or not (isinstance(addr, (str, bytes)) and addr and _inside(resolve(addr), workdir)):
-                deny(f"{event} to {addr!r}")
-        elif event.startswith(("socket.getaddrinfo", "socket.gethostby", "socket.getnameinfo")):
-            deny("name resolution")
-        elif event in ctypes_events:
-            deny(f"ctypes ({event})")
-        elif event == "import" and args[0] in blocked_modules:
-            deny(f"importing {args[0]}")
-        elif event in ("os.kill", "os.killpg"):
-            # In a PID namespace only the sandbox's own processes are visible; otherwise only itself.
-            if not (args[0] in (0, own_pid) or (allow_subprocess and pid_namespace)):
-                deny(event)
-        elif not allow_subprocess and (event in process_events or event.startswith(("os.exec", "os.spawn"))):
-            deny(event)
-
-    sys.addaudithook(guard)
-
-
-def main() -> None:
-    cfg = json.loads(sys.argv[1])
-    workdir = cfg["workdir"]
-    if cfg["isolate_fs"]:
-        try:
-            _lock_filesystem(workdir, cfg["hide"])
-        except OSError as e:
-            print(f"sandbox: filesystem isolation failed: {e}", file=sys.stderr)
-            os._exit(EXIT_SETUP_FAILED)
-    secret = None
-    if cfg.get("secret_fd") is not None:
-        with os.fdopen(cfg["secret_fd"], "rb") as f:
-            secret = f.read()
+def _report(status_fd: int, text: str) -> None:
     try:
-        _set_limits(cfg)
-        if not cfg["allow_subprocess"]:
-            _block_new_processes()
-    except (ValueError, OSError) as e:
-        print(f"sandbox: setting resource limits failed: {e}", file=sys.stderr)
-        os._exit(EXIT_SETUP_FAILED)
+        os.write(status_fd, (text.replace("\n", " ") + "\n").encode())
+    except OSError:
+        pass
+
+
+def _exit_like(wait_status: int) -> None:
+    """End this process the way the child ended (its exit code, or the signal that killed it)."""
+    if os.WIFSIGNALED(wait_status):
+        sig = os.WTERMSIG(wait_status)
+        signal.signal(sig, signal.SIG_DFL)
+        os.kill(os.getpid(), sig)
+        os._exit(128 + sig)
+    os._exit(os.waitstatus_to_exitcode(wait_status))
+
+
+def _prepare_program(req: dict, status_fd: int) -> str:
+    """Write the files, apply the limits and drop the privileges, then say "ok" and close the status pipe.
+    Returns the entry file, which the caller runs outside every `try` (the program's exceptions are its own)."""
+    workdir = req["workdir"]
+    for name, text in req["files"].items():
+        path = os.path.join(workdir, name)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "w", encoding="utf-8") as f:
+            f.write(text)
     os.chdir(workdir)
-    sys.path.insert(0, workdir)
-    sys.argv = [cfg["entry"]]
-    if cfg.get("guard", True):
-        _install_guard(workdir, cfg["allow_subprocess"])
-    init = {"__sandbox_secret__": secret} if secret is not None else None
-    del cfg
-    runpy.run_path(sys.argv[0], init_globals=init, run_name="__main__")
+    _set_limits(req["limits"])
+    bpf = req["seccomp_bpf"]
+    _drop_privileges(None if bpf is None else bytes.fromhex(bpf), confined=req["isolation"] == "namespaces")
+    sys.path[:] = [workdir] + req["plan"]["sys_path"]
+    sys.argv = [req["entry"]]
+    sys.executable = req["plan"]["executable"]
+    os.closerange(4, status_fd)  # only stdin, stdout, stderr and the results (fd 3) reach the program
+    os.closerange(status_fd + 1, 1 << 16)
+    _report(status_fd, "ok")
+    os.close(status_fd)
+    return req["entry"]
+
+
+def _init(req: dict, sources: dict, status_fd: int) -> str:
+    """PID 1 of the sandbox: the fresh root, then the program."""
+    try:
+        _prctl(PR_SET_PDEATHSIG, signal.SIGKILL)  # the keeper dies with the process group: so do we
+        _build_root(req["plan"], sources, req["limits"]["work_mb"])
+        _close_sources(sources)
+        return _prepare_program(req, status_fd)
+    except (SetupError, OSError, ValueError) as e:
+        _report(status_fd, f"error: {e}")
+        os._exit(EXIT_SETUP_FAILED)
+
+
+def _keeper(req: dict, status_fd: int, to_boot: int, from_boot: int) -> str:
+    """In fresh namespaces (the PID namespace applies to its children): fork the init, relay its end."""
+    try:
+        _prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+        _check(libc.unshare(NAMESPACES), "unshare (user namespaces)")
+        os.write(to_boot, b"u")
+        if os.read(from_boot, 1) != b"m":  # boot could not write the id maps (it reported why)
+            os._exit(EXIT_SETUP_FAILED)
+        os.close(to_boot)
+        os.close(from_boot)
+        sources = _open_sources(req["plan"])  # in the new mount namespace, still as the host user
+        os.setresgid(INNER_ID, INNER_ID, INNER_ID)
+        os.setresuid(INNER_ID, INNER_ID, INNER_ID)
+        pid = os.fork()
+    except (SetupError, OSError) as e:
+        _report(status_fd, f"error: {e}")
+        os._exit(EXIT_SETUP_FAILED)
+    if pid == 0:
+        return _init(req, sources, status_fd)
+    _close_sources(sources)
+    os.close(status_fd)
+    _exit_like(os.waitpid(pid, 0)[1])
+
+
+def _write_id_maps(pid: int, host_uid: int, host_gid: int) -> None:
+    with open(f"/proc/{pid}/setgroups", "w") as f:
+        f.write("deny")
+    for name, inner, outer in (("uid_map", INNER_ID, host_uid), ("gid_map", INNER_ID, host_gid)):
+        with open(f"/proc/{pid}/{name}", "w") as f:
+            f.write(f"{inner} {outer} 1\n")
+
+
+def _boot_namespaces(req: dict, status_fd: int) -> str:
+    """Host side: fork the keeper, give its user namespace its id maps, relay its end."""
+    if os.geteuid() == 0:
+        try:  # root's supplementary groups would otherwise stay with the program
+            os.setgroups([])
+        except PermissionError:  # root of a user namespace whose creator denied setgroups: nobody can change them
+            pass
+    to_boot_r, to_boot_w = os.pipe()
+    from_boot_r, from_boot_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.close(to_boot_r)
+        os.close(from_boot_w)
+        return _keeper(req, status_fd, to_boot_w, from_boot_r)
+    os.close(to_boot_w)
+    os.close(from_boot_r)
+    if os.read(to_boot_r, 1) == b"u":
+        try:
+            _write_id_maps(pid, req["host_uid"], req["host_gid"])
+            os.write(from_boot_w, b"m")
+        except OSError as e:
+            _report(status_fd, f"error: mapping the sandbox's uid {req['host_uid']} into its user namespace: {e}")
+    os.close(from_boot_w)
+    os.close(to_boot_r)
+    os.close(status_fd)
+    _exit_like(os.waitpid(pid, 0)[1])
+
+
+def _place_fds(req: dict) -> int:
+    """The result channel becomes fd 3 (the driver writes there); every other inherited fd but the status
+    pipe is closed. Returns the status pipe's fd."""
+    status_fd, results_fd = req["status_fd"], req["results_fd"]
+    if results_fd != 3:
+        if status_fd == 3:
+            status_fd = os.dup(3)
+        os.dup2(results_fd, 3)
+    os.closerange(4, status_fd)
+    os.closerange(status_fd + 1, 1 << 16)
+    return status_fd
+
+
+def main() -> str:
+    """Set everything up; returns the entry file in the one process that is to run it."""
+    with os.fdopen(int(sys.argv[1]), "rb") as f:
+        req = marshal.loads(f.read())
+    status_fd = req["status_fd"]
+    try:
+        _prctl(PR_SET_PDEATHSIG, signal.SIGKILL)  # the parent died: nobody will collect the result
+        status_fd = _place_fds(req)
+        if req["isolation"] == "none":
+            return _prepare_program(req, status_fd)
+        return _boot_namespaces(req, status_fd)
+    except (SetupError, OSError, ValueError) as e:
+        _report(status_fd, f"error: {e}")
+        os._exit(EXIT_SETUP_FAILED)
+
+
+def run_main(entry: str) -> None:
+    """Run the entry file as __main__ (what `python FILE` does; runpy would cost an import of importlib.util)."""
+    with open(entry, "rb") as f:
+        code = compile(f.read(), os.path.abspath(entry), "exec")
+    module = type(sys)("__main__")
+    module.__file__ = os.path.abspath(entry)
+    sys.modules["__main__"] = module
+    exec(code, module.__dict__)
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main())

@@ -4,59 +4,59 @@ The program is the last fenced ```python block of the answer (any fenced block i
 the whole answer if there is no block). Tests (`task_field(prompt, "tests")`) are a list mixing two kinds:
 - stdin/stdout pairs `{"input": str, "output": str}`: the program runs as `__main__` with that stdin, once per
   pair; it passes when its stdout equals the expected output up to whitespace (same tokens);
-- assert-style statements (strings): the program is executed once as module `solution` (so a
-  `if __name__ == "__main__":` block does not run), then each statement runs in its namespace.
-  A driver prints a verdict line per statement tagged with a random nonce the program is not given (it
-  would have to dig it out of the driver's frame), so a program that prints fake results or exits early
-  (`sys.exit(0)`, `os._exit(0)`) passes nothing. A statement that hangs ends the run at the timeout;
-  the statements before it keep their verdicts.
+- assert-style tests (strings): split by `code_checks.py` into the calls the sandbox evaluates and the check
+  this process makes. One sandbox run executes the program as module `solution` (so an
+  `if __name__ == "__main__":` block does not run) and then every test's calls in its namespace; the values
+  come back on a channel of their own, and the comparison with the expected values (which never enter the
+  sandbox) happens here. A program that prints fake results, exits early or takes over the driver gets no
+  test it did not compute. The run's timeout is the per-test timeout times the number of tests; a test that
+  hangs ends the run, the tests before it keep their verdicts.
 
-`code_reward` (RL) skips the sandbox for a program that does not compile (it would fail every test) and
-remembers the verdicts of the last few thousand (program, tests) pairs; `run_tests` (eval) always runs.
+Every test gets a `TestVerdict`: passed, wrong answer, runtime error (with the exception's last line), timeout,
+memory limit, output limit or sandbox failure. `run_tests` (eval) returns them; `code_reward` (RL) skips the
+sandbox for a program that does not compile (it would fail every test), remembers the verdicts of the last few
+thousand (program, tests) pairs and counts the verdicts for the RL log (`take_verdict_counts`).
 """
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import json
+import os
 import re
-import secrets
-from collections import OrderedDict
+import signal
+import warnings
+from collections import Counter, OrderedDict
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from stepflash.errors import UserError
 from stepflash.tasks.rewards import strip_reasoning, task_field
-from stepflash.tasks.sandbox import SandboxLimits, run_python
+from stepflash.tasks.rewards.code_checks import check_values, decode_value, split_test
+from stepflash.tasks.sandbox import SandboxLimits, SandboxResult, run_python
 
+PASSED, WRONG, RUNTIME, TIMEOUT, MEMORY, OUTPUT, SANDBOX = (
+    "passed", "wrong answer", "runtime error", "timeout", "memory limit", "output limit", "sandbox failure")
+VERDICTS = (PASSED, WRONG, RUNTIME, TIMEOUT, MEMORY, OUTPUT, SANDBOX)
 _FENCE = re.compile(r"```([A-Za-z0-9_+-]*)[ \t]*\n(.*?)```", re.DOTALL)
-
-_DRIVER = '''\
-import os
-
-
-def _run_tests():
-    nonce = globals().pop("__sandbox_secret__").decode()
-    with open("solution.py", encoding="utf-8") as f:
-        source = f.read()
-    namespace = {"__name__": "solution"}
-    try:
-        exec(compile(source, "solution.py", "exec"), namespace)
-    except BaseException:
-        return
-    for i, test in enumerate(TESTS):
-        try:
-            exec(compile(test, "test_%d" % i, "exec"), namespace)
-            ok = 1
-        except BaseException:
-            ok = 0
-        # os.write, not print: the program may have replaced or closed sys.stdout
-        os.write(1, ("\\n%s %d %d\\n" % (nonce, i, ok)).encode())
+with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "code_driver.py"), encoding="utf-8") as _f:
+    _DRIVER = _f.read()
 
 
-TESTS = __TESTS__
-_run_tests()
-'''
+@dataclass(frozen=True)
+class TestVerdict:
+    __test__ = False  # not a pytest class
+    status: str  # one of VERDICTS
+    detail: str = ""  # one line: the exception, what the program returned, why the sandbox failed
+
+    @property
+    def passed(self) -> bool:
+        return self.status == PASSED
+
+    def __str__(self) -> str:
+        return f"{self.status}: {self.detail}" if self.detail else self.status
 
 
 def extract_code(completion: str) -> str:
@@ -71,49 +71,107 @@ def extract_code(completion: str) -> str:
     return text
 
 
-def _same_output(actual: str, expected: str) -> bool:
-    return actual.split() == expected.split()
+def _short(text: str, limit: int = 80) -> str:
+    text = text.strip().replace("\n", "\\n")
+    return repr(text if len(text) <= limit else text[: limit - 3] + "...")
 
 
-def _run_io_test(code: str, test: Mapping, limits: SandboxLimits) -> bool:
+def _process_verdict(result: SandboxResult) -> TestVerdict | None:
+    """Why the run as a whole failed (None: it exited 0 within its limits)."""
+    if not result.started:
+        return TestVerdict(SANDBOX, result.setup_error or "")
+    if result.timed_out or result.returncode == -signal.SIGXCPU:
+        return TestVerdict(TIMEOUT)
+    if result.output_limited:
+        return TestVerdict(OUTPUT)
+    if result.memory_limited:
+        return TestVerdict(MEMORY)
+    if result.returncode:
+        lines = result.stderr.strip().splitlines()
+        if result.returncode < 0:
+            return TestVerdict(RUNTIME, f"killed by {signal.Signals(-result.returncode).name}")
+        return TestVerdict(RUNTIME, lines[-1][:200] if lines else f"exit status {result.returncode}")
+    return None
+
+
+def _run_io_test(code: str, test: Mapping, limits: SandboxLimits) -> TestVerdict:
     result = run_python(code, stdin=str(test.get("input", "")), limits=limits, entry="solution.py")
-    _raise_if_broken(result)
-    return result.ok and _same_output(result.stdout, str(test.get("output", "")))
+    failed = _process_verdict(result)
+    if failed:
+        return failed
+    expected = str(test.get("output", ""))
+    if result.stdout.split() == expected.split():
+        return TestVerdict(PASSED)
+    return TestVerdict(WRONG, f"expected {_short(expected)}, got {_short(result.stdout)}")
 
 
-def _run_assert_tests(code: str, tests: list[str], limits: SandboxLimits) -> list[bool]:
-    nonce = secrets.token_hex(16)
-    driver = _DRIVER.replace("__TESTS__", repr(tests))
-    # One process for all statements: the timeout covers them all.
+def _error_verdict(message: str) -> TestVerdict:
+    return TestVerdict(MEMORY if message.startswith("MemoryError") else RUNTIME, message[:200])
+
+
+def _parse_results(raw: bytes, n: int) -> dict[int, tuple[str, Any]]:
+    """The driver's lines: test index (-1: the solution itself) -> ("values" | "error", payload). The first
+    line for an index counts; lines that do not parse are ignored (the program could write anything)."""
+    out = {}
+    for line in raw.decode("utf-8", "replace").split("\n"):
+        try:
+            i, kind, payload = ast.literal_eval(line)
+        except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError):
+            continue
+        if isinstance(i, int) and -1 <= i < n and i not in out and \
+                ((kind == "error" and isinstance(payload, str)) or (kind == "values" and isinstance(payload, list))):
+            out[i] = (kind, payload)
+    return out
+
+
+def _assert_verdict(split, kind: str, payload) -> TestVerdict:
+    if kind == "error":
+        return _error_verdict(payload)
+    try:
+        if [len(values) if isinstance(values, list) else -1 for values in payload] != split.probe_counts:
+            raise ValueError
+        decoded = [[decode_value(v) for v in values] for values in payload]
+    except (ValueError, TypeError, RecursionError, MemoryError):
+        return TestVerdict(WRONG, "the values sent back could not be read")
+    for values, (check, text) in zip(decoded, split.checks):
+        ok, why = check_values(check, values)
+        if not ok:
+            return TestVerdict(WRONG, f"assert {text[:80]}: {why}")
+    return TestVerdict(PASSED)
+
+
+def _run_assert_tests(code: str, tests: list[str], limits: SandboxLimits) -> list[TestVerdict]:
+    splits = [split_test(t, i) for i, t in enumerate(tests)]
+    spec = [s.steps for s in splits]
+    driver = _DRIVER.replace("SPEC = None", f"SPEC = {spec!r}", 1)
+    # One process for all tests: the timeout covers them all.
     all_limits = dataclasses.replace(limits, timeout_s=limits.timeout_s * len(tests), cpu_s=None)
-    result = run_python({"solution.py": code, "driver.py": driver}, limits=all_limits, entry="driver.py",
-                        secret=nonce.encode())
-    _raise_if_broken(result)
-    passed = [False] * len(tests)
-    for m in re.finditer(rf"{nonce} (\d+) ([01])", result.stdout):
-        i = int(m.group(1))
-        if i < len(tests):
-            passed[i] = m.group(2) == "1"
-    return passed
+    result = run_python({"solution.py": code, "driver.py": driver}, limits=all_limits, entry="driver.py")
+    results = _parse_results(result.results, len(tests))
+    if -1 in results:  # the program itself failed: every test fails the same way
+        return [_error_verdict(results[-1][1])] * len(tests)
+    unfinished = _process_verdict(result) or TestVerdict(RUNTIME, "the program ended before this test finished")
+    return [_assert_verdict(s, *results[i]) if i in results else unfinished for i, s in enumerate(splits)]
 
 
-def _raise_if_broken(result) -> None:
-    if result.setup_failed:
-        raise RuntimeError(f"the code sandbox could not start: {result.stderr.strip()}")
-
-
-def run_tests(code: str, tests: Sequence[str | Mapping], limits: SandboxLimits | None = None) -> list[bool]:
-    """Pass/fail of each test (order kept). limits.timeout_s is per test."""
-    limits = limits or SandboxLimits()
+def _check_tests(tests: Sequence) -> None:
     for i, t in enumerate(tests):
         if not isinstance(t, (str, Mapping)):
             raise UserError(f"test {i} must be an assert statement (str) or an {{'input', 'output'}} dict, "
                             f"got {type(t).__name__}")
+        if isinstance(t, str):
+            split_test(t, i)
+
+
+def run_tests(code: str, tests: Sequence[str | Mapping], limits: SandboxLimits | None = None) -> list[TestVerdict]:
+    """A verdict per test (order kept). limits.timeout_s is per test."""
+    limits = limits or SandboxLimits()
+    _check_tests(tests)
     verdicts = {i: _run_io_test(code, t, limits) for i, t in enumerate(tests) if isinstance(t, Mapping)}
     asserts = [(i, t) for i, t in enumerate(tests) if isinstance(t, str)]
     if asserts:
-        for (i, _), ok in zip(asserts, _run_assert_tests(code, [t for _, t in asserts], limits)):
-            verdicts[i] = ok
+        for (i, _), v in zip(asserts, _run_assert_tests(code, [t for _, t in asserts], limits)):
+            verdicts[i] = v
     return [verdicts[i] for i in range(len(tests))]
 
 
@@ -127,22 +185,35 @@ def compiles(code: str) -> bool:
     return True
 
 
-_VERDICTS: OrderedDict[tuple, tuple[bool, ...]] = OrderedDict()  # (code, tests, timeout) -> verdicts, LRU
-_VERDICTS_MAX = 4096
+_CACHE: OrderedDict[tuple, tuple[TestVerdict, ...]] = OrderedDict()  # (code, tests, timeout) -> verdicts, LRU
+_CACHE_MAX = 4096
+_counts: Counter = Counter()  # verdicts since the last take_verdict_counts()
 
 
-def _cached_run(code: str, tests: list, timeout: float) -> tuple[bool, ...]:
+def take_verdict_counts() -> dict[str, int]:
+    """{verdict: tests} scored by code_reward since the last call (every verdict, zeros included), then reset."""
+    out = {v: _counts[v] for v in VERDICTS}
+    _counts.clear()
+    return out
+
+
+def _cached_run(code: str, tests: list, timeout: float) -> tuple[TestVerdict, ...]:
     """run_tests, remembered per (program, tests): RL samples of a sharpening policy repeat programs a lot,
-    and each sandbox run costs a process start."""
+    and each sandbox run costs a process start. A sandbox failure is not remembered (the next try may work)."""
     key = (code, json.dumps(tests, sort_keys=True), timeout)
-    if key in _VERDICTS:
-        _VERDICTS.move_to_end(key)
-        return _VERDICTS[key]
-    verdicts = tuple(run_tests(code, tests, SandboxLimits(timeout_s=timeout)) if compiles(code)
-                     else [False] * len(tests))
-    _VERDICTS[key] = verdicts
-    if len(_VERDICTS) > _VERDICTS_MAX:
-        _VERDICTS.popitem(last=False)
+    if key in _CACHE:
+        _CACHE.move_to_end(key)
+        return _CACHE[key]
+    if not compiles(code):
+        return (TestVerdict(RUNTIME, "SyntaxError: the program does not compile"),) * len(tests)
+    verdicts = tuple(run_tests(code, tests, SandboxLimits(timeout_s=timeout)))
+    failures = [v for v in verdicts if v.status == SANDBOX]
+    if failures:
+        warnings.warn(f"code reward: the sandbox failed to run a program ({failures[0].detail}); it scores 0")
+        return verdicts
+    _CACHE[key] = verdicts
+    if len(_CACHE) > _CACHE_MAX:
+        _CACHE.popitem(last=False)
     return verdicts
 
 
@@ -153,10 +224,8 @@ def code_reward(prompt: Any, completion: str) -> float:
         raise UserError("a code task needs a non-empty list of 'tests'")
     if isinstance(tests, (str, Mapping)):
         tests = [tests]
-    for i, t in enumerate(tests):  # checked before the cache so a bad task fails on every call
-        if not isinstance(t, (str, Mapping)):
-            raise UserError(f"test {i} must be an assert statement (str) or an {{'input', 'output'}} dict, "
-                            f"got {type(t).__name__}")
+    _check_tests(tests)  # before the cache, so that a bad task fails on every call
     timeout = float(task_field(prompt, "timeout_s", SandboxLimits.timeout_s))
-    passed = _cached_run(extract_code(completion), list(tests), timeout)
-    return sum(passed) / len(passed)
+    verdicts = _cached_run(extract_code(completion), list(tests), timeout)
+    _counts.update(v.status for v in verdicts)
+    return sum(v.passed for v in verdicts) / len(verdicts)
