@@ -212,6 +212,10 @@ class GrammarMatcher:
         if n > 0 and not self._m.rollback(n):
             raise RuntimeError(f"grammar rollback of {n} tokens failed: {self._m.get_error()}")
 
+    def reset(self) -> None:
+        """Back to the start of the grammar (rolls back every consumed token)."""
+        self._m.reset()
+
     def masks_along_drafts(self, drafts: list[int], out: torch.Tensor) -> int:
         """Masks for verifying `drafts`: out[t] (t = 0..len(drafts)) is the mask after drafts[:t]. Stops
         at the first draft the grammar refuses (its later rows are left as they were; such a draft
