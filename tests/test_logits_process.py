@@ -20,6 +20,8 @@ def naive(logits, prompt, output, p: LogitsParams, stop_ids):
     x = [float(v) for v in logits]
     for tok, bias in p.logit_bias.items():
         x[tok] += bias
+    for tok in p.banned_token_ids:
+        x[tok] = -math.inf
     if len(output) < p.min_tokens:
         for tok in stop_ids:
             x[tok] = -math.inf
@@ -40,8 +42,9 @@ CASES = [  # (params, prompt, output so far, drafts)
     (LogitsParams(min_tokens=3), [1], [5], [7, 8]),  # positions 0, 1 (output 1, 2 tokens) may not stop
     (LogitsParams(logit_bias={4: 100.0, 5: -100.0}, presence_penalty=2.0), [], [4], [4]),
     (LogitsParams(), [1, 2], [3], [4]),  # inactive row batched with active ones
+    (LogitsParams(banned_token_ids=(7, 9), logit_bias={7: 50.0}), [], [], [7]),
 ]
-STOPS = {0: [1, 11], 1: [1], 2: [1, 12], 3: [1], 4: [1, 13], 5: [1], 6: [1]}
+STOPS = {0: [1, 11], 1: [1], 2: [1, 12], 3: [1], 4: [1, 13], 5: [1], 6: [1], 7: [1]}
 
 
 def test_processors_match_naive_at_every_verified_position():
@@ -49,7 +52,7 @@ def test_processors_match_naive_at_every_verified_position():
     T = 1 + max(len(c[3]) for c in CASES)
     logits = torch.randn(len(CASES), T, V, generator=g) * 3
     counts = TokenCounts(8, V)
-    slots = [6, 0, 3, 1, 2, 5, 4]  # rows are not in slot order
+    slots = [6, 0, 3, 1, 2, 5, 4, 7]  # rows are not in slot order
     for (params, prompt, output, _), slot in zip(CASES, slots):
         counts.reset(slot, prompt)
         counts.add(slot, output)

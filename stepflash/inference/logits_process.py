@@ -2,7 +2,8 @@
 
 What each one does is vLLM's definition (`vllm/v1/sample/sampler.py`, `SamplingParams._verify_args`),
 so a request means the same thing here as there:
-- `logit_bias` {token id: bias in [-100, 100]} is added to the logits;
+- `logit_bias` {token id: bias in [-100, 100]} is added to the logits; `banned_token_ids` get -inf
+  (the server bans `<tool_call>` for tool_choice "none");
 - `min_tokens`: until a row has generated that many tokens, its stop ids (eos, end-of-turn and its
   own `stop_token_ids`) get -inf, so it cannot end early;
 - `repetition_penalty` r > 0 (1 = off, the CTRL rule): every token seen in the prompt or the output so
@@ -44,6 +45,7 @@ class LogitsParams:
     repetition_penalty: float = 1.0
     min_tokens: int = 0
     logit_bias: dict[int, float] = field(default_factory=dict)
+    banned_token_ids: tuple[int, ...] = ()
 
     def check(self, vocab_size: int) -> None:
         for name in ("presence_penalty", "frequency_penalty"):
@@ -69,7 +71,7 @@ def is_active(params) -> bool:
     """True when the request changes its logits at all (rows without processors skip this module)."""
     return bool(_get(params, "presence_penalty", 0.0) or _get(params, "frequency_penalty", 0.0)
                 or _get(params, "repetition_penalty", 1.0) != 1.0 or _get(params, "min_tokens", 0)
-                or _get(params, "logit_bias", None))
+                or _get(params, "logit_bias", None) or _get(params, "banned_token_ids", ()))
 
 
 class TokenCounts:
@@ -124,6 +126,8 @@ def apply_processors(logits: torch.Tensor, slots: list[int], params: list, count
         p = params[i]
         for tok, bias in (_get(p, "logit_bias", None) or {}).items():
             x[j, :, tok] += bias
+        for tok in _get(p, "banned_token_ids", ()):
+            x[j, :, tok] = float("-inf")
         need = _get(p, "min_tokens", 0) - counts.generated[slots[i]]  # positions t < need may not stop
         if need > 0 and stop_ids[i]:
             x[j, :need, torch.tensor(sorted(stop_ids[i]), device=dev)] = float("-inf")
