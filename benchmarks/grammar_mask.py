@@ -1,6 +1,6 @@
 """Grammar-mask cost per row per decode step: llguidance vs xgrammar on stepflash's byte-level BPE tokenizers.
 
-    python benchmarks/grammar_mask.py [--cache /tmp/grammar_bench] [--steps 200] [--repeats 3]
+    python benchmarks/grammar_mask.py [--cache DIR] [--steps 300] [--repeats 3] [--threads 1]
 
 Tokenizers: the project's trainer (`stepflash.tokenizer.train_tokenizer`) at the vocabulary sizes of the
 presets (tiny tests ~320, `small` 8192, the release's 128896), trained once on ~60 MB of Python sources
@@ -8,16 +8,15 @@ from this machine's standard library and cached. For each library and size: toke
 compile (a JSON schema; the XML tool call of one function, xgrammar through its built-in Qwen3-Coder
 structural tag, which is the same format), then a random walk: random logits, the mask applied,
 a token sampled and consumed, `--steps` times. Reported per step and row: mask fill (µs) and token
-consumption (µs), best of `--repeats` runs, the two libraries interleaved. One thread (the engine
-computes a row's mask on the CPU while the device runs the forward). xgrammar is optional: it is not a
-dependency of stepflash (`pip install xgrammar==0.2.8` to include it).
+consumption (µs), best of `--repeats` runs, the two libraries interleaved. A row's mask is computed by
+one thread in both libraries; `--threads` sets torch's threads and xgrammar's compiler threads.
+xgrammar is optional: it is not a dependency of stepflash (`pip install xgrammar==0.2.8` to include it).
 """
 
 from __future__ import annotations
 
 import argparse
 import glob
-import json
 import os
 import random
 import sys
@@ -65,7 +64,7 @@ def tokenizers(cache: str, sizes: list[int]):
 class Llguidance:
     name = "llguidance"
 
-    def __init__(self, tok, vocab, stops):
+    def __init__(self, tok, vocab, stops, threads=1):
         self.compiler = GrammarCompiler(tok, vocab, stops)
 
     def json(self):
@@ -83,13 +82,13 @@ class Llguidance:
 class Xgrammar:
     name = "xgrammar"
 
-    def __init__(self, tok, vocab, stops):
+    def __init__(self, tok, vocab, stops, threads=1):
         import xgrammar as xgr
 
         self.xgr = xgr
         encoded = [t for t, _ in sorted(tok.get_vocab(with_added_tokens=True).items(), key=lambda kv: kv[1])]
         info = xgr.TokenizerInfo(encoded, xgr.VocabType.BYTE_LEVEL, vocab_size=vocab, stop_token_ids=stops)
-        self.compiler = xgr.GrammarCompiler(info, max_threads=1)
+        self.compiler = xgr.GrammarCompiler(info, max_threads=threads)
 
     def json(self):
         return self.compiler.compile_json_schema(SCHEMA, any_whitespace=False, separators=(", ", ": "))
@@ -136,10 +135,11 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--cache", default="/tmp/stepflash_grammar_bench")
     ap.add_argument("--sizes", default="320,8192,128896")
-    ap.add_argument("--steps", type=int, default=200)
+    ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
-    torch.set_num_threads(1)
+    torch.set_num_threads(args.threads)
     libs = [Llguidance]
     try:
         import xgrammar  # noqa: F401
@@ -147,7 +147,7 @@ def main() -> int:
         libs.append(Xgrammar)
     except ImportError:
         print("xgrammar not installed: llguidance only")
-    print(f"load average: {os.getloadavg()}")
+    print(f"threads {args.threads}; load average before: {os.getloadavg()}")
     print("| vocab | library | setup s | compile json ms | compile tool ms | json mask µs | json consume µs "
           "| tool mask µs | tool consume µs |")
     print("|---|---|---|---|---|---|---|---|---|")
@@ -156,7 +156,7 @@ def main() -> int:
         built = {}
         for lib in libs:
             t0 = time.perf_counter()
-            impl = lib(tok, size, stops)
+            impl = lib(tok, size, stops, args.threads)
             setup = time.perf_counter() - t0
             t0 = time.perf_counter()
             gj = impl.json()
@@ -176,7 +176,7 @@ def main() -> int:
             b = best[name]
             print(f"| {size} | {name} | {setup:.2f} | {cj * 1e3:.1f} | {ct * 1e3:.1f} | {b['json'][0]:.0f} | "
                   f"{b['json'][1]:.0f} | {b['tool'][0]:.0f} | {b['tool'][1]:.0f} |", flush=True)
-    print(json.dumps({"uptime_load": os.getloadavg()}))
+    print(f"load average after: {os.getloadavg()}")
     return 0
 
 

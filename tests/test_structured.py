@@ -155,6 +155,15 @@ def test_after_the_body_only_stop_ids(compiler):
     assert bitmask_to_bool(bits, V).nonzero().flatten().tolist() == sorted(STOPS) and m.is_stopped
 
 
+def test_non_ascii_names_and_enum_values(compiler):
+    tool = {"function": {"name": "wetter_ö", "parameters": {"type": "object", "properties": {
+        "stadt": {"type": "string", "enum": ["東京", "Zürich \"Nord\""]}}, "required": ["stadt"]}}}
+    m = compiler.matcher(compiler.tool_calls([tool], name="wetter_ö"))
+    good = '<tool_call>\n<function=wetter_ö>\n<parameter=stadt>\nZürich "Nord"\n</parameter>\n</function>\n</tool_call>'
+    ids = TOK.encode(good).ids
+    assert m.validate(ids) == len(ids) and m.validate(TOK.encode(good.replace("Nord", "Süd")).ids) < len(ids)
+
+
 def test_rollback_equals_a_fresh_matcher(compiler):
     grammar = compiler.json_schema(SCHEMA)
     ids = TOK.encode('{"name": "fox", "age": 23, "tags": ["a"], "ok": true}').ids

@@ -32,7 +32,6 @@ per draft), the verifier's K + 1 distributions need the masks along the drafts
 from __future__ import annotations
 
 import json
-import threading
 from dataclasses import dataclass
 
 import torch
@@ -69,13 +68,12 @@ class GrammarCompiler:
         # vocabulary (ids past the tokenizer's are never allowed).
         self.ll_tokenizer = llg.LLTokenizer(tokenizer.to_str(), n_vocab=vocab_size, eos_token=self.stop_ids)
         self._special = {t: tokenizer.token_to_id(t) for t in (THINK_END, CALL_START, CALL_END)}
-        self._lock = threading.Lock()
 
     # ---- grammars -------------------------------------------------------------------------------
     def _tag(self, text: str) -> str:
         """A tag as a lark item: the tokenizer's single special token if it has one, else the text."""
         tid = self._special.get(text)
-        return f"<[{tid}]>" if tid is not None else json.dumps(text)
+        return f"<[{tid}]>" if tid is not None else _literal(text)
 
     def _wrap(self, body_rules: str, reasoning: bool, reasoning_max_chars: int | None) -> str:
         if not reasoning:
@@ -149,9 +147,9 @@ def _function_rules(i: int, fn: dict) -> list[str]:
         if not isinstance(arg, str) or not arg or any(c in arg for c in "<>\n\""):
             raise UserError(f"function {name!r}: parameter name {arg!r} cannot be used in a tool call")
         items.append(f"p{i}_{j}" + ("" if arg in required else "?"))
-    rules = [f"fn{i}: {json.dumps(name + '>' + chr(10))} {' '.join(items)}"]
+    rules = [f"fn{i}: {_literal(name + '>' + chr(10))} {' '.join(items)}"]
     for j, (arg, schema) in enumerate(properties.items()):
-        rules.append(f"p{i}_{j}: {json.dumps(f'<parameter={arg}>' + chr(10))} {_value(schema, f'{i}_{j}', rules)}")
+        rules.append(f"p{i}_{j}: {_literal(f'<parameter={arg}>' + chr(10))} {_value(schema, f'{i}_{j}', rules)}")
     return rules
 
 
@@ -171,12 +169,13 @@ def _value(schema, key: str, rules: list[str]) -> str:
                   f"TEXT{key}: /(?s:.{{{lo},{hi}}})/ & ~/(?s:.*)<\\/parameter>(?s:.*)/"]
         return f"v{key}"
     if schema.get("type") == "string" and isinstance(schema.get("enum"), list):
-        return "(" + " | ".join(json.dumps(str(v)) for v in schema["enum"]) + f") {_CLOSE}"
+        return "(" + " | ".join(_literal(str(v)) for v in schema["enum"]) + f") {_CLOSE}"
     return f"{_json_item(schema)} {_CLOSE}"
 
 
-def _options(options: list[str]) -> str:
-    return f"[{', '.join(options)}]" if options else ""
+def _literal(text: str) -> str:
+    """A lark string literal (JSON escaping is lark's: \\n, \\", \\\\)."""
+    return json.dumps(text, ensure_ascii=False)
 
 
 # JSON as `json.dumps` writes it: one space after ',' and ':', no other whitespace (free whitespace lets

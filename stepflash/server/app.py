@@ -135,25 +135,23 @@ def create_app(engine, tokenizer, model_name: str, *, chat_template: ChatTemplat
         req = parse_request(body, model_cls)
         return req, prepare_fn(req)
 
+    async def generate(request: Request, model_cls, prepare_fn, start_fn, stream_fn, respond_fn):
+        body = await read_body(request, max_body_bytes)
+        req, prepared = await workers.run(prepare, body, model_cls, prepare_fn)
+        started = start_fn(req, prepared)
+        if req.stream:
+            return StreamingResponse(stream_fn(req, started), media_type="text/event-stream", headers=sse_headers)
+        return await respond_fn(req, request, started)
+
     @app.post("/v1/chat/completions", dependencies=auth)
     async def chat_completions(request: Request):
-        body = await read_body(request, max_body_bytes)
-        req, prepared = await workers.run(prepare, body, ChatCompletionRequest, service.prepare_chat)
-        started = service.start_chat(req, prepared)
-        if req.stream:
-            return StreamingResponse(service.chat_stream(req, started), media_type="text/event-stream",
-                                     headers=sse_headers)
-        return await service.chat(req, request, started)
+        return await generate(request, ChatCompletionRequest, service.prepare_chat, service.start_chat,
+                              service.chat_stream, service.chat)
 
     @app.post("/v1/completions", dependencies=auth)
     async def completions(request: Request):
-        body = await read_body(request, max_body_bytes)
-        req, prepared = await workers.run(prepare, body, CompletionRequest, service.prepare_completion)
-        started = service.start_completion(req, prepared)
-        if req.stream:
-            return StreamingResponse(service.completion_stream(req, started), media_type="text/event-stream",
-                                     headers=sse_headers)
-        return await service.completion(req, request, started)
+        return await generate(request, CompletionRequest, service.prepare_completion, service.start_completion,
+                              service.completion_stream, service.completion)
 
     return app
 
