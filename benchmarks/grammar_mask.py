@@ -47,8 +47,8 @@ def tokenizers(cache: str, sizes: list[int]):
     for size in sizes:
         path = os.path.join(cache, f"tok{size}.json")
         if not os.path.exists(path):
-            files = sorted(f for f in glob.glob(os.path.join(os.path.dirname(os.__file__), "**", "*.py"), recursive=True)
-                           if os.path.isfile(f))
+            stdlib = os.path.join(os.path.dirname(os.__file__), "**", "*.py")
+            files = sorted(f for f in glob.glob(stdlib, recursive=True) if os.path.isfile(f))
             random.Random(0).shuffle(files)
             keep, total = [], 0
             for f in files:

@@ -8,8 +8,13 @@ import pytest
 import torch
 
 from stepflash.errors import UserError
-from stepflash.inference.logits_process import (LogitsParams, TokenCounts, apply_processors, sampled_logprobs,
-                                                top_logprobs)
+from stepflash.inference.logits_process import (
+    LogitsParams,
+    TokenCounts,
+    apply_processors,
+    sampled_logprobs,
+    top_logprobs,
+)
 from stepflash.inference.sampling import sample, target_probs, uniforms
 
 V = 40

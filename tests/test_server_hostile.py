@@ -203,8 +203,9 @@ def test_structured_requests_get_a_grammar_matcher_per_row(live, client):
     schema = {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}
     chat(client, "say struct", n=2, response_format={"type": "json_schema", "json_schema": {"name": "s",
                                                                                             "schema": schema}})
+    named = {"type": "function", "function": {"name": "get_weather"}}
     client.chat.completions.create(model="tiny-test", messages=[{"role": "user", "content": "say forced"}],
-                                   tools=[WEATHER], tool_choice={"type": "function", "function": {"name": "get_weather"}})
+                                   tools=[WEATHER], tool_choice=named)
     rows = [live.engine.params[rid] for rid, p in live.engine.prompts.items() if "say struct" in p]
     assert len(rows) == 2 and rows[0].grammar is not rows[1].grammar  # one matcher state per row
     forced = [live.engine.params[rid] for rid, p in live.engine.prompts.items() if "say forced" in p][0]
@@ -219,7 +220,8 @@ def test_structured_requests_get_a_grammar_matcher_per_row(live, client):
 def test_a_row_failing_in_the_engine_fails_alone(live, client):
     async def main():
         aclient = openai.AsyncOpenAI(base_url=live.url + "/v1", api_key=KEY, max_retries=0)
-        innocent = [aclient.chat.completions.create(model="tiny-test", messages=[{"role": "user", "content": f"say i{k}"}])
+        innocent = [aclient.chat.completions.create(model="tiny-test",
+                                                    messages=[{"role": "user", "content": f"say i{k}"}])
                     for k in range(5)]
         poisoned = aclient.chat.completions.create(model="tiny-test", messages=[{"role": "user", "content": "poison"}])
         return await asyncio.gather(poisoned, *innocent, return_exceptions=True)
@@ -239,7 +241,8 @@ def test_a_row_failing_in_the_engine_fails_alone(live, client):
 def test_unsupported_features_are_refused_not_ignored():
     server = serve(ScriptedEngine(), Params)  # the engine's fields before issue #12's wiring
     try:
-        for body, param in [(chat_body(presence_penalty=0.5), "presence_penalty"), (chat_body(min_tokens=2), "min_tokens"),
+        for body, param in [(chat_body(presence_penalty=0.5), "presence_penalty"),
+                            (chat_body(min_tokens=2), "min_tokens"),
                             (chat_body(logprobs=True), "logprobs"), (chat_body(ignore_eos=True), "ignore_eos"),
                             (chat_body(response_format={"type": "json_object"}), "response_format"),
                             (chat_body(tools=[WEATHER], tool_choice="required"), "tool_choice"),
@@ -306,7 +309,7 @@ def test_health_answers_while_a_10mb_request_is_processed():
 
 # ---- the real engine -------------------------------------------------------------------------------
 
-def test_hostile_rows_do_not_change_innocent_ones(checkpoint):
+def test_hostile_rows_do_not_change_innocent_ones(checkpoint):  # noqa: F811
     from stepflash.inference.engine import SamplingParams
 
     server = LiveServer(create_app(_engine(checkpoint, max_batch_size=4), TOK, "tiny", sampling_params=SamplingParams))

@@ -253,7 +253,8 @@ def test_tags_as_text_when_the_tokenizer_has_no_special_tokens():
             assert m.consume([tok_id])
         assert len(out) < 600
     reply = parse_chat_output(tok.decode(out[:-1]), [TIME])
-    assert [c["function"]["name"] for c in reply.tool_calls] == ["get_time"] and "</think>" not in reply.reasoning_content
+    assert [c["function"]["name"] for c in reply.tool_calls] == ["get_time"]
+    assert "</think>" not in reply.reasoning_content
 
 
 def test_bitmask_unpacking_matches_naive():
