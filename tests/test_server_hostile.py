@@ -266,13 +266,18 @@ def test_metrics_gauges_are_true_at_idle(live, client):
     assert text.startswith("# HELP") and "# TYPE stepflash_requests_total counter" in text
 
 
-def test_an_empty_api_key_is_refused():
+def test_an_empty_api_key_is_refused(capsys, monkeypatch, tmp_path):
     with pytest.raises(UserError, match="empty"):
         create_app(ScriptedEngine(), TOK, "tiny-test", api_key="", sampling_params=Params, max_model_len=MAX_LEN,
                    vocab_size=TOK.get_vocab_size(), eos_token_ids=[1])
     from stepflash.cli import main
 
-    assert main(["serve", ".", "--api-key", ""]) == 2
+    for argv, env in ((["--api-key", ""], None), (["--api-key", "  "], None), ([], "")):
+        if env is not None:
+            monkeypatch.setenv("STEPFLASH_API_KEY", env)
+        assert main(["serve", str(tmp_path), *argv]) == 2  # refused before anything is loaded
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "api-key" in err and "empty" in err, err
 
 
 def test_prompt_encoder_refuses_early_and_counts_exactly():
