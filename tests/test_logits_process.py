@@ -71,6 +71,18 @@ def test_processors_match_naive_at_every_verified_position():
     assert torch.isinf(got[4, :2, 13]).all() and torch.isfinite(got[4, 2, 13])  # min_tokens lifts at position 2
 
 
+def test_min_tokens_yields_to_a_grammar_that_only_allows_stopping():
+    logits = torch.full((2, 1, V), float("-inf"))
+    logits[:, 0, 1] = 0.5  # a complete grammar: only the stop id 1 is allowed
+    logits[1, 0, 2] = 0.1  # here another token is allowed too, so min_tokens applies
+    counts = TokenCounts(2, V)
+    counts.reset(0, [])
+    counts.reset(1, [])
+    got = apply_processors(logits, [0, 1], [LogitsParams(min_tokens=5)] * 2, counts, [[1], [1]])
+    assert got[0, 0, 1] == 0.5 and torch.isfinite(got[0]).sum() == 1
+    assert torch.isinf(got[1, 0, 1]) and got[1, 0, 2] == 0.1
+
+
 def test_counts_reset_between_requests_in_a_slot():
     counts = TokenCounts(2, V)
     counts.reset(0, [1, 2])

@@ -12,7 +12,8 @@ so a request means the same thing here as there:
   logit -= f * count(token in output) + p * [count > 0].
 Order, as vLLM: bias and min_tokens, then repetition, frequency, presence; temperature, top-k and
 top-p come after (`sampling.target_probs`). A grammar mask (`structured.py`) is applied before all of
-these: a disallowed token stays at -inf whatever a bias adds.
+these: a disallowed token stays at -inf whatever a bias adds, and where a ban or min_tokens would leave
+no token at all (a complete grammar allows only stop ids) they yield, so a row is never all -inf.
 
 Speculative decoding verifies K drafts in one forward, so logits come as [n, T, V] with T = K + 1
 positions per row: position t sees the row's output plus drafts[:t] (the counts and the min_tokens
@@ -126,11 +127,18 @@ def apply_processors(logits: torch.Tensor, slots: list[int], params: list, count
         p = params[i]
         for tok, bias in (_get(p, "logit_bias", None) or {}).items():
             x[j, :, tok] += bias
+    allowed_before = torch.isfinite(x).any(-1, keepdim=True)  # [a, T, 1]
+    biased = x.clone()
+    for j, i in enumerate(active):
+        p = params[i]
         for tok in _get(p, "banned_token_ids", ()):
             x[j, :, tok] = float("-inf")
         need = _get(p, "min_tokens", 0) - counts.generated[slots[i]]  # positions t < need may not stop
         if need > 0 and stop_ids[i]:
             x[j, :need, torch.tensor(sorted(stop_ids[i]), device=dev)] = float("-inf")
+    # A ban or min_tokens that leaves nothing allowed (a grammar that is complete allows only stop ids)
+    # yields to what allowed something: the grammar wins over min_tokens, never an all -inf row.
+    x = torch.where(allowed_before & ~torch.isfinite(x).any(-1, keepdim=True), biased, x)
 
     rep = torch.tensor([float(_get(params[i], "repetition_penalty", 1.0)) for i in active], device=dev)[:, None, None]
     freq = torch.tensor([float(_get(params[i], "frequency_penalty", 0.0)) for i in active], device=dev)[:, None, None]
