@@ -258,6 +258,35 @@ def test_unsupported_features_are_refused_not_ignored():
         server.close()
 
 
+def test_requests_being_prepared_are_bounded():
+    """max_batch + max_queue requests may be read and prepared at once; one more is a 429 at once."""
+    server = serve(ScriptedEngine(), Params, max_batch=1, max_queue=0)
+    service = server.server.config.app.state.service
+    release, entered = threading.Event(), threading.Event()
+    prepare = service.prepare_completion
+
+    def slow_prepare(req):
+        entered.set()
+        release.wait(10)
+        return prepare(req)
+
+    service.prepare_completion = slow_prepare
+    try:
+        first = {}
+        worker = threading.Thread(target=lambda: first.setdefault("r", post(server.url, COMPLETIONS, completion_body())))
+        worker.start()
+        assert entered.wait(10)
+        r = post(server.url, COMPLETIONS, completion_body())
+        assert (r.status_code, r.json()["error"]["code"]) == (429, "queue_full")
+        assert httpx.get(server.url + "/health").status_code == 200
+        release.set()
+        worker.join(10)
+        assert first["r"].status_code == 200 and first["r"].json()["choices"][0]["text"]
+    finally:
+        release.set()
+        server.close()
+
+
 def test_metrics_gauges_are_true_at_idle(live, client):
     chat(client, "say idle")
     time.sleep(0.05)

@@ -61,7 +61,8 @@ def create_app(engine, tokenizer, model_name: str, *, chat_template: ChatTemplat
     eos = list(eos_token_ids if eos_token_ids is not None else (cfg.eos_token_ids if cfg else []))
     eos += [i for t in END_TOKENS if (i := tokenizer.token_to_id(t)) is not None and i not in eos]
     metrics = Metrics()
-    runner = EngineRunner(engine, max_batch or getattr(engine, "max_batch_size", 8), max_queue, metrics)
+    max_batch = max_batch or getattr(engine, "max_batch_size", 8)
+    runner = EngineRunner(engine, max_batch, max_queue, metrics)
     context = max_model_len or (cfg.max_position_embeddings if cfg else 4096)
     vocab = vocab_size or (cfg.vocab_size if cfg else tokenizer.get_vocab_size())
     service = Service(
@@ -69,7 +70,7 @@ def create_app(engine, tokenizer, model_name: str, *, chat_template: ChatTemplat
         max_model_len=context, vocab_size=vocab, eos_ids=eos,
         params=ParamsBuilder(sampling_params, tokenizer, vocab, eos, speculative_tokens),
         encoder=PromptEncoder(tokenizer, min(max_prompt_tokens or context, context)))
-    workers = RequestWorkers(request_workers)
+    workers = RequestWorkers(request_workers, max_pending=max_batch + max_queue)
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
@@ -136,8 +137,9 @@ def create_app(engine, tokenizer, model_name: str, *, chat_template: ChatTemplat
         return req, prepare_fn(req)
 
     async def generate(request: Request, model_cls, prepare_fn, start_fn, stream_fn, respond_fn):
-        body = await read_body(request, max_body_bytes)
-        req, prepared = await workers.run(prepare, body, model_cls, prepare_fn)
+        with workers.slot():
+            body = await read_body(request, max_body_bytes)
+            req, prepared = await workers.run(prepare, body, model_cls, prepare_fn)
         started = start_fn(req, prepared)
         if req.stream:
             return StreamingResponse(stream_fn(req, started), media_type="text/event-stream", headers=sse_headers)

@@ -16,6 +16,7 @@ grammar compilation. Tokenization goes through `PromptEncoder`, which
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -78,11 +79,25 @@ def validation_error(errors: list[dict]) -> APIError:
 
 
 class RequestWorkers:
-    """A bounded thread pool for request preparation: a flood of large requests queues here instead
-    of occupying the event loop."""
+    """A bounded thread pool for request preparation: large requests queue here instead of occupying
+    the event loop, and at most `max_pending` requests are being read or prepared at once (beyond, 429
+    before the body is read, so a flood of large bodies cannot fill the memory)."""
 
-    def __init__(self, threads: int = 2):
+    def __init__(self, threads: int = 2, max_pending: int = 64):
         self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="stepflash-request")
+        self.max_pending = max_pending
+        self.pending = 0  # touched on the event loop only
+
+    @contextlib.contextmanager
+    def slot(self):
+        if self.pending >= self.max_pending:
+            raise APIError(429, f"the server is busy preparing {self.pending} requests; retry later",
+                           type="rate_limit_error", code="queue_full")
+        self.pending += 1
+        try:
+            yield
+        finally:
+            self.pending -= 1
 
     async def run(self, fn, *args):
         return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
