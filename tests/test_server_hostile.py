@@ -318,6 +318,24 @@ def test_prompt_encoder_refuses_early_and_counts_exactly():
     with pytest.raises(Exception, match="has 6[0-9] tokens"):  # exact count just over the limit
         enc("x " * 33, "prompt")
 
+    class Recording:  # the tokenizer, recording the texts it is asked to encode
+        def __init__(self):
+            self.texts = []
+
+        def __getattr__(self, name):
+            return getattr(TOK, name)
+
+        def encode_batch(self, texts, add_special_tokens):
+            self.texts += texts
+            return TOK.encode_batch(texts, add_special_tokens=add_special_tokens)
+
+    tok = Recording()
+    enc = PromptEncoder(tok, 200_000)
+    text = "x " * 1_000_000  # passes the byte bound (125k tokens at least), has 1M
+    with pytest.raises(Exception, match="at least"):
+        enc(text, "prompt")
+    assert max(len(t) for t in tok.texts) <= 1 << 16 and sum(map(len, tok.texts)) < len(text) / 2  # stopped early
+
 
 @pytest.mark.slow
 def test_health_answers_while_a_10mb_request_is_processed():

@@ -121,7 +121,7 @@ class PromptEncoder:
         least = -(-nbytes // self.longest_token_bytes)
         if least > self.max_tokens:
             raise self._too_long(param, least, "at least ")
-        if len(text) > 2 * COUNT_CHUNK_CHARS:
+        if nbytes > self.max_tokens and len(text) > 2 * COUNT_CHUNK_CHARS:  # a token has >= 1 byte: else it fits
             self._count_in_chunks(text, param)
         ids = self.tokenizer.encode_batch([text], add_special_tokens=False)[0].ids
         if len(ids) > self.max_tokens:
