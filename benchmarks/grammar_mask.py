@@ -32,8 +32,8 @@ from stepflash.tokenizer import train_tokenizer  # noqa: E402
 # Two JSON schemas: strings bounded by maxLength (the lexer checks every token against the bound) and plain
 # strings (llguidance's precomputed "slices" answer most of the vocabulary at once).
 PLAIN = {"type": "object", "properties": {"name": {"type": "string"}, "age": {"type": "integer"}, "tags": {
-    "type": "array", "items": {"type": "string"}}, "active": {"type": "boolean"}}, "required": ["name", "age", "active"],
-    "additionalProperties": False}
+    "type": "array", "items": {"type": "string"}}, "active": {"type": "boolean"}},
+    "required": ["name", "age", "active"], "additionalProperties": False}
 SCHEMA = {"type": "object", "properties": {
     "name": {"type": "string", "maxLength": 12}, "age": {"type": "integer", "minimum": 0, "maximum": 150},
     "email": {"type": "string", "maxLength": 20}, "tags": {"type": "array", "items": {"type": "string", "maxLength": 8},

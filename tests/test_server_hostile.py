@@ -273,7 +273,8 @@ def test_requests_being_prepared_are_bounded():
     service.prepare_completion = slow_prepare
     try:
         first = {}
-        worker = threading.Thread(target=lambda: first.setdefault("r", post(server.url, COMPLETIONS, completion_body())))
+        worker = threading.Thread(
+            target=lambda: first.setdefault("r", post(server.url, COMPLETIONS, completion_body())))
         worker.start()
         assert entered.wait(10)
         r = post(server.url, COMPLETIONS, completion_body())
