@@ -7,8 +7,12 @@ HTTP layer with a scripted engine; `run` loads a checkpoint and serves it with u
 
 Every error a client can cause is answered in OpenAI's shape {"error": {message, type, param, code}}:
 bad JSON or parameters 400 (naming the field), prompt + max_tokens over the context 400, wrong or
-missing key 401, unknown model 404, full queue 429. Anything unexpected is a 500 with a generic
-message: internal details and other requests' text never reach a client.
+missing key 401, unknown model 404, body over the limit 413, full queue 429. Anything unexpected is a
+500 with a generic message: internal details and other requests' text never reach a client.
+
+The event loop only reads bodies and streams answers; parsing, chat rendering, tokenization and
+grammar compilation run in request worker threads (`intake.py`), so one huge request never delays
+another client or `/health`. What the server promises is written down in docs/server.md.
 """
 
 from __future__ import annotations
@@ -22,13 +26,16 @@ from dataclasses import dataclass, field
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException
 
 from stepflash.chat import ChatTemplate, resolve_chat_template
 from stepflash.errors import UserError
-from stepflash.server.completions import APIError, Service
-from stepflash.server.metrics import Metrics
+from stepflash.server.completions import Service
+from stepflash.server.errors import APIError
+from stepflash.server.intake import PromptEncoder, RequestWorkers, parse_request, read_body, validation_error
+from stepflash.server.metrics import CONTENT_TYPE, Metrics
+from stepflash.server.params import ParamsBuilder
 from stepflash.server.protocol import ChatCompletionRequest, CompletionRequest
 from stepflash.server.runner import EngineRunner
 
@@ -41,33 +48,42 @@ END_TOKENS = ("<|im_end|>", "<|eos|>")
 def create_app(engine, tokenizer, model_name: str, *, chat_template: ChatTemplate | None = None,
                max_model_len: int | None = None, vocab_size: int | None = None, eos_token_ids=None,
                api_key: str | None = None, max_batch: int | None = None, max_queue: int = 64,
-               speculative_tokens: int = 0, sampling_params=None):
+               speculative_tokens: int = 0, sampling_params=None, max_body_bytes: int = 32 << 20,
+               max_prompt_tokens: int | None = None, request_workers: int = 2):
     """Build the FastAPI app. `engine` needs add_request/step/abort; `tokenizer` is a `tokenizers.Tokenizer`.
-    Values left None come from `engine.model.config` (context length, vocabulary, eos ids)."""
+    Values left None come from `engine.model.config` (context length, vocabulary, eos ids).
+    max_prompt_tokens: longest prompt accepted (default: the context length)."""
+    if api_key is not None and not api_key.strip():
+        raise UserError("the API key is empty; give a key, or none at all to serve without authentication")
     if sampling_params is None:
         from stepflash.inference.engine import SamplingParams as sampling_params
     cfg = getattr(getattr(engine, "model", None), "config", None)
     eos = list(eos_token_ids if eos_token_ids is not None else (cfg.eos_token_ids if cfg else []))
     eos += [i for t in END_TOKENS if (i := tokenizer.token_to_id(t)) is not None and i not in eos]
     metrics = Metrics()
-    runner = EngineRunner(engine, max_batch or getattr(engine, "max_batch_size", 8), max_queue, metrics)
+    max_batch = max_batch or getattr(engine, "max_batch_size", 8)
+    runner = EngineRunner(engine, max_batch, max_queue, metrics)
+    context = max_model_len or (cfg.max_position_embeddings if cfg else 4096)
+    vocab = vocab_size or (cfg.vocab_size if cfg else tokenizer.get_vocab_size())
     service = Service(
         runner=runner, tokenizer=tokenizer, model_name=model_name, template=chat_template or ChatTemplate(),
-        max_model_len=max_model_len or (cfg.max_position_embeddings if cfg else 4096),
-        vocab_size=vocab_size or (cfg.vocab_size if cfg else tokenizer.get_vocab_size()),
-        eos_ids=eos, make_params=sampling_params, speculative_tokens=speculative_tokens)
+        max_model_len=context, vocab_size=vocab, eos_ids=eos,
+        params=ParamsBuilder(sampling_params, tokenizer, vocab, eos, speculative_tokens),
+        encoder=PromptEncoder(tokenizer, min(max_prompt_tokens or context, context)))
+    workers = RequestWorkers(request_workers, max_pending=max_batch + max_queue)
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
         runner.start()
         yield
         runner.stop()
+        workers.close()
 
     app = FastAPI(title="stepflash", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.service, app.state.metrics = service, metrics
 
     def error(e: APIError) -> JSONResponse:
-        if e.status in (400, 401, 404, 429):
+        if e.status in (400, 401, 404, 413, 429):
             metrics.request_rejected(e.status)
         return JSONResponse(e.body(), status_code=e.status)
 
@@ -77,7 +93,7 @@ def create_app(engine, tokenizer, model_name: str, *, chat_template: ChatTemplat
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request, e: RequestValidationError):
-        return error(_validation_to_api_error(e))
+        return error(validation_error(e.errors()))
 
     @app.exception_handler(HTTPException)
     async def _http_error(request, e: HTTPException):
@@ -106,7 +122,7 @@ def create_app(engine, tokenizer, model_name: str, *, chat_template: ChatTemplat
 
     @app.get("/metrics")
     async def get_metrics():
-        return PlainTextResponse(metrics.render(), media_type="text/plain; version=0.0.4")
+        return Response(metrics.render(), media_type=CONTENT_TYPE)
 
     @app.get("/v1/models", dependencies=auth)
     async def models():
@@ -115,36 +131,31 @@ def create_app(engine, tokenizer, model_name: str, *, chat_template: ChatTemplat
 
     sse_headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
+    def prepare(body: bytes, model_cls, prepare_fn):
+        """Runs in a request worker: parse, validate, render, tokenize, compile the grammar."""
+        req = parse_request(body, model_cls)
+        return req, prepare_fn(req)
+
+    async def generate(request: Request, model_cls, prepare_fn, start_fn, stream_fn, respond_fn):
+        with workers.slot():
+            body = await read_body(request, max_body_bytes)
+            req, prepared = await workers.run(prepare, body, model_cls, prepare_fn)
+        started = start_fn(req, prepared)
+        if req.stream:
+            return StreamingResponse(stream_fn(req, started), media_type="text/event-stream", headers=sse_headers)
+        return await respond_fn(req, request, started)
+
     @app.post("/v1/chat/completions", dependencies=auth)
-    async def chat_completions(body: ChatCompletionRequest, request: Request):
-        if body.stream:
-            started = service.start_chat(body)
-            return StreamingResponse(service.chat_stream(body, started), media_type="text/event-stream",
-                                     headers=sse_headers)
-        return await service.chat(body, request)
+    async def chat_completions(request: Request):
+        return await generate(request, ChatCompletionRequest, service.prepare_chat, service.start_chat,
+                              service.chat_stream, service.chat)
 
     @app.post("/v1/completions", dependencies=auth)
-    async def completions(body: CompletionRequest, request: Request):
-        if body.stream:
-            started = service.start_completion(body)
-            return StreamingResponse(service.completion_stream(body, started), media_type="text/event-stream",
-                                     headers=sse_headers)
-        return await service.completion(body, request)
+    async def completions(request: Request):
+        return await generate(request, CompletionRequest, service.prepare_completion, service.start_completion,
+                              service.completion_stream, service.completion)
 
     return app
-
-
-def _validation_to_api_error(e) -> APIError:
-    err = e.errors()[0]
-    loc = [str(x) for x in err.get("loc", ())]
-    loc = loc[1:] if loc and loc[0] in ("body", "query", "path", "header") else loc
-    if err.get("type") == "json_invalid":
-        return APIError(400, f"the request body is not valid JSON: {err.get('ctx', {}).get('error', err['msg'])}")
-    if not loc:
-        return APIError(400, f"the request body must be a JSON object: {err['msg']}")
-    # Union members show up as extra path parts ("str", "list[...]"); the first part is the field.
-    path = ".".join(p for p in loc if not any(c in p for c in "[]") and p not in ("str", "int", "float", "bool"))
-    return APIError(400, f"{path or loc[0]}: {err['msg']}", param=loc[0])
 
 
 @dataclass
@@ -165,6 +176,9 @@ class ServeArgs:
     dtype: str | None = field(default=None, metadata={"help": "float32, bfloat16, float16 (default: checkpoint's)"})
     chat_template: str = field(default="auto", metadata={
         "help": "auto (the checkpoint's tokenizer_config.json template, else built-in), builtin, or a .jinja file"})
+    max_body_mb: float = field(default=32.0, metadata={"help": "largest request body accepted, in MiB (413 beyond)"})
+    max_prompt_tokens: int | None = field(default=None, metadata={
+        "help": "longest prompt accepted, in tokens (default: the model's context length; 400 beyond)"})
 
 
 def run(args: ServeArgs) -> int:
@@ -177,9 +191,13 @@ def run(args: ServeArgs) -> int:
 
     if not os.path.isdir(args.checkpoint):
         raise UserError(f"checkpoint directory {args.checkpoint!r} does not exist")
-    for name, low in (("mtp", 0), ("max_batch", 1), ("max_queue", 0), ("port", 0)):
-        if getattr(args, name) < low:
+    for name, low in (("mtp", 0), ("max_batch", 1), ("max_queue", 0), ("port", 0), ("max_body_mb", 0.001),
+                      ("max_prompt_tokens", 1)):
+        if getattr(args, name) is not None and getattr(args, name) < low:
             raise UserError(f"--{name.replace('_', '-')} must be >= {low}, got {getattr(args, name)}")
+    api_key = args.api_key if args.api_key is not None else os.environ.get("STEPFLASH_API_KEY")
+    if api_key is not None and not api_key.strip():
+        raise UserError("--api-key (or $STEPFLASH_API_KEY) is empty; give a key, or set neither to serve without one")
     dtypes = {None: None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
     if args.dtype not in dtypes:
         raise UserError(f"--dtype must be one of float32, bfloat16, float16, not {args.dtype!r}")
@@ -192,8 +210,8 @@ def run(args: ServeArgs) -> int:
     engine = Engine(model, max_batch_size=args.max_batch, device=device)
     app = create_app(engine, tokenizer, args.model_name or _dir_name(args.checkpoint),
                      chat_template=resolve_chat_template(args.chat_template, args.checkpoint),
-                     api_key=args.api_key or os.environ.get("STEPFLASH_API_KEY") or None,
-                     max_batch=args.max_batch, max_queue=args.max_queue, speculative_tokens=mtp)
+                     api_key=api_key, max_batch=args.max_batch, max_queue=args.max_queue, speculative_tokens=mtp,
+                     max_body_bytes=int(args.max_body_mb * (1 << 20)), max_prompt_tokens=args.max_prompt_tokens)
     logging.basicConfig(level=logging.INFO)
     log.info("serving %s on http://%s:%d/v1 (batch %d, queue %d, mtp %d)", args.checkpoint, args.host, args.port,
              args.max_batch, args.max_queue, mtp)

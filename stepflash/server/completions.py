@@ -12,7 +12,8 @@ Choices made where OpenAI's API says nothing about this model:
 - stop strings are matched on the whole generated text, reasoning included (as vLLM does);
 - choice j of a request with `seed` samples with seed + j, so n > 1 gives n different samples;
 - `tool_choice` "none" drops the tools from the prompt and skips tool-call parsing; "required" or a
-  named function is accepted but not enforced (no constrained decoding);
+  named function is enforced by a grammar (`server/params.py`; a 400 where the engine has no
+  constrained decoding);
 - prompt_tokens in `usage` counts each prompt once, completion_tokens every generated token of every
   choice, including the end-of-turn token that stopped it.
 """
@@ -28,21 +29,10 @@ from typing import Any, AsyncIterator
 
 from stepflash.chat import (ChatFormatError, ChatStreamParser, ChatTemplate, ParsedReply, collect, finish_reason,
                             openai_deltas, opens_reasoning)
+from stepflash.server.errors import APIError
 from stepflash.server.protocol import ChatCompletionRequest, CompletionRequest, SamplingFields
 from stepflash.server.runner import EngineRunner, QueueFull
 from stepflash.server.textstream import TextStream
-
-
-class APIError(Exception):
-    """An error for the client, in OpenAI's shape."""
-
-    def __init__(self, status: int, message: str, type: str = "invalid_request_error", param: str | None = None,
-                 code: str | None = None):
-        super().__init__(message)
-        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
-
-    def body(self) -> dict:
-        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
 
 @dataclass
@@ -67,12 +57,12 @@ class Service:
     max_model_len: int
     vocab_size: int
     eos_ids: list[int]
-    make_params: Any  # SamplingParams class
-    speculative_tokens: int = 0
+    params: Any  # server.params.ParamsBuilder: request fields -> the engine's SamplingParams
+    encoder: Any  # server.intake.PromptEncoder: text -> ids within the prompt limit
 
     # ---- request -> engine requests --------------------------------------------------------------
-    def encode(self, text: str) -> list[int]:
-        return self.tokenizer.encode(text, add_special_tokens=False).ids
+    def encode(self, text: str, param: str = "prompt") -> list[int]:
+        return self.encoder(text, param)
 
     def _check_ids(self, ids: list[int], param: str) -> None:
         bad = [t for t in ids if not 0 <= t < self.vocab_size]
@@ -80,14 +70,18 @@ class Service:
             raise APIError(400, f"{param}: token id {bad[0]} is outside the vocabulary (0..{self.vocab_size - 1})",
                            param=param)
 
-    def _engine_requests(self, req: SamplingFields, prompts: list[list[int]], param: str, default_max: int | None):
+    def _engine_requests(self, req: SamplingFields, prompts: list[list[int]], param: str, default_max: int | None,
+                         grammar=None):
         self._check_ids(req.stop_ids(), "stop")
-        stop_ids = sorted(set(self.eos_ids) | set(req.stop_ids()))
+        stop_ids = self.params.stop_ids(req)
         out = []
         for ids in prompts:
             if not ids:
                 raise APIError(400, f"{param}: the prompt is empty", param=param)
             self._check_ids(ids, param)
+            if len(ids) > self.encoder.max_tokens:  # token-id prompts skip the encoder's check
+                raise APIError(400, f"{param}: the prompt has {len(ids)} tokens; this server accepts at most "
+                                    f"{self.encoder.max_tokens}", param=param, code="context_length_exceeded")
             room = self.max_model_len - len(ids)
             if room < 1:
                 raise APIError(400, f"{param}: the prompt has {len(ids)} tokens, the context length is "
@@ -97,13 +91,8 @@ class Service:
                 raise APIError(400, f"max_tokens: the prompt ({len(ids)} tokens) plus max_tokens ({max_tokens}) "
                                     f"exceeds the context length ({self.max_model_len})", param="max_tokens",
                                code="context_length_exceeded")
-            for j in range(req.n):
-                params = self.make_params(
-                    max_new_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p,
-                    top_k=max(req.top_k, 0), seed=None if req.seed is None else req.seed + j,
-                    stop_token_ids=tuple(stop_ids), speculative_tokens=self.speculative_tokens)
-                out.append((ids, params))
-        return out, stop_ids
+            out += [(ids, params) for params in self.params.build(req, max_tokens, stop_ids, grammar)]
+        return out, sorted(set(stop_ids) | set(self.eos_ids))  # hidden in the text even with ignore_eos
 
     def _chat_prompt(self, req: ChatCompletionRequest) -> tuple[list[int], list[dict] | None, bool]:
         use_tools = req.tools if req.tools and req.tool_choice != "none" else None
@@ -113,7 +102,7 @@ class Service:
             prompt = self.template.render(messages, tools)
         except ChatFormatError as e:
             raise APIError(400, str(e), param="messages") from None
-        return self.encode(prompt), tools, opens_reasoning(prompt)
+        return self.encode(prompt, "messages"), tools, opens_reasoning(prompt)
 
     def check_model(self, model: str | None) -> None:
         if model is not None and model != self.model_name:
@@ -160,16 +149,22 @@ class Service:
             raise APIError(429, str(e), type="rate_limit_error", code="queue_full") from None
 
     # ---- /v1/chat/completions ------------------------------------------------------------------
-    def start_chat(self, req: ChatCompletionRequest):
+    def prepare_chat(self, req: ChatCompletionRequest):
+        """Render, tokenize and validate (in a request worker thread; nothing touches the engine)."""
         self.check_model(req.model)
         ids, tools, reasoning = self._chat_prompt(req)
-        engine_requests, stop_ids = self._engine_requests(req, [ids], "messages", None)
+        grammar = self.params.grammar(req, tools, reasoning)
+        engine_requests, stop_ids = self._engine_requests(req, [ids], "messages", None, grammar)
         choices = [Choice(i, TextStream(self.tokenizer, req.stop_strings(), stop_ids), ChatStreamParser(tools, reasoning))
                    for i in range(len(engine_requests))]
-        return self._submit(engine_requests), choices, len(ids)
+        return engine_requests, choices, len(ids)
 
-    async def chat(self, req: ChatCompletionRequest, request) -> dict:
-        handles, choices, prompt_tokens = self.start_chat(req)
+    def start_chat(self, req: ChatCompletionRequest, prepared=None):
+        engine_requests, choices, prompt_tokens = prepared or self.prepare_chat(req)
+        return self._submit(engine_requests), choices, prompt_tokens
+
+    async def chat(self, req: ChatCompletionRequest, request, started=None) -> dict:
+        handles, choices, prompt_tokens = started or self.start_chat(req)
         async for choice, text in self._run(handles, choices, request):
             collect(choice.parser.feed(text), choice.reply)
             if choice.finish_reason is not None:
@@ -202,19 +197,25 @@ class Service:
         yield "data: [DONE]\n\n"
 
     # ---- /v1/completions -----------------------------------------------------------------------
-    def start_completion(self, req: CompletionRequest):
+    def prepare_completion(self, req: CompletionRequest):
+        """Tokenize and validate (in a request worker thread; nothing touches the engine)."""
         self.check_model(req.model)
         prompts = [self.encode(p) if isinstance(p, str) else p for p in req.prompts()]
-        engine_requests, stop_ids = self._engine_requests(req, prompts, "prompt", 16)
+        grammar = self.params.grammar(req, None, False)
+        engine_requests, stop_ids = self._engine_requests(req, prompts, "prompt", 16, grammar)
         choices = [Choice(i, TextStream(self.tokenizer, req.stop_strings(), stop_ids))
                    for i in range(len(engine_requests))]
         if req.echo:
             for c, (ids, _) in zip(choices, engine_requests):
                 c.text = self.tokenizer.decode(ids, skip_special_tokens=False)
-        return self._submit(engine_requests), choices, sum(len(p) for p in prompts)
+        return engine_requests, choices, sum(len(p) for p in prompts)
 
-    async def completion(self, req: CompletionRequest, request) -> dict:
-        handles, choices, prompt_tokens = self.start_completion(req)
+    def start_completion(self, req: CompletionRequest, prepared=None):
+        engine_requests, choices, prompt_tokens = prepared or self.prepare_completion(req)
+        return self._submit(engine_requests), choices, prompt_tokens
+
+    async def completion(self, req: CompletionRequest, request, started=None) -> dict:
+        handles, choices, prompt_tokens = started or self.start_completion(req)
         async for choice, text in self._run(handles, choices, request):
             choice.text += text
         return {"id": _id("cmpl"), "object": "text_completion", "created": int(time.time()),

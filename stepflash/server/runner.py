@@ -9,6 +9,13 @@ matched) is also only recorded; the thread aborts the request in the engine befo
 
 Admission control: at most `max_batch + max_queue` requests are in flight; beyond that `submit`
 raises `QueueFull` (HTTP 429) without touching the engine.
+
+Isolation: every request is validated before it is submitted (`server/params.py`), so a row enters the
+engine only with values the engine can represent. What can still go wrong inside fails as narrowly as
+the engine lets it: `add_request` refusing a row fails that request alone; a `StepOutput` carrying an
+`error` (the per-row error path the engine provides, docs/server.md) fails that row alone while the
+others continue; only an exception out of `engine.step()` itself, which leaves no way to tell whose row
+caused it, fails every running request.
 """
 
 from __future__ import annotations
@@ -60,6 +67,7 @@ class EngineRunner:
         self.max_batch = max_batch
         self.max_queue = max_queue
         self.metrics = metrics or Metrics()
+        self.metrics.watch(running=lambda: len(self._running), waiting=lambda: len(self._waiting))
         self._cond = threading.Condition()
         self._waiting: deque[RequestHandle] = deque()
         self._cancelled: list[RequestHandle] = []
@@ -87,10 +95,9 @@ class EngineRunner:
             if self._in_flight + len(requests) > self.max_batch + self.max_queue:
                 raise QueueFull(f"the server is busy ({self._in_flight} requests in flight); retry later")
             handles = [RequestHandle(ids, params, loop, events, i) for i, (ids, params) in enumerate(requests)]
-            self.metrics.prompt_tokens += sum(len(ids) for ids, _ in requests)
+            self.metrics.prompt_tokens.inc(sum(len(ids) for ids, _ in requests))
             self._waiting.extend(handles)
             self._in_flight += len(handles)
-            self.metrics.queue_depth = len(self._waiting)
             self._cond.notify()
         return handles
 
@@ -120,14 +127,12 @@ class EngineRunner:
                         self._finish_locked(handle, aborted=True)
                 while self._waiting and len(self._running) + len(admit) < self.max_batch:
                     admit.append(self._waiting.popleft())
-                self.metrics.queue_depth = len(self._waiting)
             for handle in cancelled:
                 if handle.engine_rid is not None and self._running.pop(handle.engine_rid, None) is not None:
                     self._safe_abort(handle.engine_rid)
                     self._finish(handle, aborted=True)
             for handle in admit:
                 self._admit(handle)
-            self.metrics.running = len(self._running)
             if self._running:
                 self._step()
         for handle in list(self._running.values()):
@@ -161,12 +166,17 @@ class EngineRunner:
             handle = self._running.get(out.request_id)
             if handle is None:
                 continue
+            error = getattr(out, "error", None)
+            if error:  # this row failed inside the engine (which has dropped it); the others go on
+                log.error("request %s failed in the engine: %s", out.request_id, error)
+                self._fail(handle, f"generation failed for this request: {error}")
+                continue
             if out.new_token_ids:
                 if handle.first_token_at is None:
                     handle.first_token_at = now
                     self.metrics.ttft.observe(now - handle.submitted_at)
-                self.metrics.generation_tokens += len(out.new_token_ids)
-                self.metrics.accepted.observe(len(out.new_token_ids) - 1)
+                self.metrics.generation_tokens.inc(len(out.new_token_ids))
+                self.metrics.observe_accepted(len(out.new_token_ids) - 1)
                 handle._put(("tokens", list(out.new_token_ids), list(out.new_logprobs or [])))
             if out.finished:
                 del self._running[out.request_id]

@@ -1,0 +1,179 @@
+"""Per-row logits processors, applied between the model's head and `sampling.target_probs`.
+
+What each one does is vLLM's definition (`vllm/v1/sample/sampler.py`, `SamplingParams._verify_args`),
+so a request means the same thing here as there:
+- `logit_bias` {token id: bias in [-100, 100]} is added to the logits; `banned_token_ids` get -inf
+  (the server bans `<tool_call>` for tool_choice "none");
+- `min_tokens`: until a row has generated that many tokens, its stop ids (eos, end-of-turn and its
+  own `stop_token_ids`) get -inf, so it cannot end early;
+- `repetition_penalty` r > 0 (1 = off, the CTRL rule): every token seen in the prompt or the output so
+  far has its logit divided by r where positive and multiplied by r where negative;
+- `frequency_penalty` f and `presence_penalty` p in [-2, 2] (0 = off), output tokens only:
+  logit -= f * count(token in output) + p * [count > 0].
+Order, as vLLM: bias and min_tokens, then repetition, frequency, presence; temperature, top-k and
+top-p come after (`sampling.target_probs`). A grammar mask (`structured.py`) is applied before all of
+these: a disallowed token stays at -inf whatever a bias adds, and where a ban or min_tokens would leave
+no token at all (a complete grammar allows only stop ids) they yield, so a row is never all -inf.
+
+Speculative decoding verifies K drafts in one forward, so logits come as [n, T, V] with T = K + 1
+positions per row: position t sees the row's output plus drafts[:t] (the counts and the min_tokens
+length move along the drafts), so the verified distribution at every position is exactly the one
+plain decoding would sample from after accepting those drafts.
+
+`TokenCounts` keeps what the penalties need per batch slot on the device (like the KV cache):
+output token counts [slots, V] and the set of prompt tokens [slots, V]; the engine resets a slot at
+prefill and adds each accepted token.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+from stepflash.errors import UserError
+
+MAX_LOGIT_BIAS = 100.0  # OpenAI's range for logit_bias values
+
+
+@dataclass
+class LogitsParams:
+    """The processor settings of one request (the engine's SamplingParams may carry the same fields)."""
+
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    min_tokens: int = 0
+    logit_bias: dict[int, float] = field(default_factory=dict)
+    banned_token_ids: tuple[int, ...] = ()
+
+    def check(self, vocab_size: int) -> None:
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and -2.0 <= value <= 2.0):
+                raise UserError(f"{name} must be in [-2, 2], got {value}")
+        if not (math.isfinite(self.repetition_penalty) and self.repetition_penalty > 0):
+            raise UserError(f"repetition_penalty must be a finite number > 0, got {self.repetition_penalty}")
+        if self.min_tokens < 0:
+            raise UserError(f"min_tokens must be >= 0, got {self.min_tokens}")
+        for tok, bias in self.logit_bias.items():
+            if not 0 <= tok < vocab_size:
+                raise UserError(f"logit_bias: token id {tok} is outside the vocabulary (0..{vocab_size - 1})")
+            if not (math.isfinite(bias) and abs(bias) <= MAX_LOGIT_BIAS):
+                raise UserError(f"logit_bias: the bias of token {tok} must be in [-100, 100], got {bias}")
+
+
+def _get(params, name: str, default):
+    return getattr(params, name, default)
+
+
+def is_active(params) -> bool:
+    """True when the request changes its logits at all (rows without processors skip this module)."""
+    return bool(_get(params, "presence_penalty", 0.0) or _get(params, "frequency_penalty", 0.0)
+                or _get(params, "repetition_penalty", 1.0) != 1.0 or _get(params, "min_tokens", 0)
+                or _get(params, "logit_bias", None) or _get(params, "banned_token_ids", ()))
+
+
+class TokenCounts:
+    """Per-slot output token counts and prompt token sets, on the engine's device."""
+
+    def __init__(self, max_batch_size: int, vocab_size: int, device=None):
+        self.vocab_size = vocab_size
+        self.output = torch.zeros(max_batch_size, vocab_size, dtype=torch.int32, device=device)  # [slots, V]
+        self.prompt = torch.zeros(max_batch_size, vocab_size, dtype=torch.bool, device=device)  # [slots, V]
+        self.generated = [0] * max_batch_size  # output length per slot (for min_tokens)
+
+    def reset(self, slot: int, prompt_ids: list[int]) -> None:
+        self.output[slot].zero_()
+        self.prompt[slot].zero_()
+        if prompt_ids:
+            self.prompt[slot, torch.tensor(prompt_ids, device=self.prompt.device)] = True
+        self.generated[slot] = 0
+
+    def add(self, slot: int, token_ids: list[int]) -> None:
+        """Count accepted output tokens (never drafts that were rejected)."""
+        if token_ids:
+            ids = torch.tensor(token_ids, device=self.output.device)
+            self.output[slot].index_add_(0, ids, torch.ones_like(ids, dtype=torch.int32))
+            self.generated[slot] += len(token_ids)
+
+
+def apply_processors(logits: torch.Tensor, slots: list[int], params: list, counts: TokenCounts,
+                     stop_ids: list, drafts: list[list[int]] | None = None) -> torch.Tensor:
+    """logits [n, T, V] (T = 1 + drafts per row) -> processed fp32 logits [n, T, V] (a new tensor).
+
+    slots[i]: row i's batch slot in `counts`; params[i]: its settings (LogitsParams or SamplingParams);
+    stop_ids[i]: the ids min_tokens suppresses; drafts[i]: its draft tokens (position t sees drafts[:t])."""
+    out = logits.float().clone()
+    n, T, V = out.shape
+    active = [i for i in range(n) if is_active(params[i])]
+    if not active:
+        return out
+    dev = out.device
+    drafts = drafts or [[] for _ in range(n)]
+    rows = torch.tensor(active, device=dev)
+    slot_t = torch.tensor([slots[i] for i in active], device=dev)
+    # Output counts at every verified position: the slot's counts plus the drafts before it.
+    draft_counts = torch.zeros(len(active), T, V, device=dev)  # [a, T, V]
+    for j, i in enumerate(active):
+        for t, tok in enumerate(drafts[i][: T - 1]):
+            draft_counts[j, t + 1:, tok] += 1
+    output = counts.output[slot_t].float()[:, None] + draft_counts  # [a, T, V]
+    seen = counts.prompt[slot_t][:, None] | (output > 0)  # [a, T, V]
+    x = out[rows]  # [a, T, V]
+
+    for j, i in enumerate(active):
+        p = params[i]
+        for tok, bias in (_get(p, "logit_bias", None) or {}).items():
+            x[j, :, tok] += bias
+    allowed_before = torch.isfinite(x).any(-1, keepdim=True)  # [a, T, 1]
+    biased = x.clone()
+    for j, i in enumerate(active):
+        p = params[i]
+        for tok in _get(p, "banned_token_ids", ()):
+            x[j, :, tok] = float("-inf")
+        need = _get(p, "min_tokens", 0) - counts.generated[slots[i]]  # positions t < need may not stop
+        if need > 0 and stop_ids[i]:
+            x[j, :need, torch.tensor(sorted(stop_ids[i]), device=dev)] = float("-inf")
+    # A ban or min_tokens that leaves nothing allowed (a grammar that is complete allows only stop ids)
+    # yields to what allowed something: the grammar wins over min_tokens, never an all -inf row.
+    x = torch.where(allowed_before & ~torch.isfinite(x).any(-1, keepdim=True), biased, x)
+
+    rep = torch.tensor([float(_get(params[i], "repetition_penalty", 1.0)) for i in active], device=dev)[:, None, None]
+    freq = torch.tensor([float(_get(params[i], "frequency_penalty", 0.0)) for i in active], device=dev)[:, None, None]
+    pres = torch.tensor([float(_get(params[i], "presence_penalty", 0.0)) for i in active], device=dev)[:, None, None]
+    penalised = torch.where(x > 0, x / rep, x * rep)
+    x = torch.where(seen, penalised, x)
+    x = x - freq * output - pres * (output > 0).float()
+    out[rows] = x
+    return out
+
+
+# ---- logprobs -------------------------------------------------------------------------------------
+# What a logprob is. OpenAI documents `logprobs` as "the log probability of this token" and says no
+# more. vLLM's default (`logprobs_mode="raw_logprobs"`) is the log-softmax of the model's raw logits,
+# before penalties, temperature, top-k and top-p; its "processed_logprobs" mode is after all of them.
+# stepflash returns the distribution the token was actually drawn from (issue #12, and what
+# `sampling.token_logprobs` already does): after the grammar mask, bias, min_tokens, penalties,
+# temperature, top-k and top-p. Greedy rows draw from a one-hot, which says nothing; for them it is the
+# log-softmax of the processed logits at temperature 1. A token outside the support has -inf (the
+# server writes it as -9999.0, as vLLM does, since JSON has no -inf). mode="raw" gives vLLM's default.
+
+def sampled_logprobs(logits: torch.Tensor, probs: torch.Tensor, greedy: torch.Tensor) -> torch.Tensor:
+    """Processed logits [N, V], the sampled distribution probs [N, V] (`target_probs`), greedy [N] bool
+    -> log-probabilities [N, V] fp32 of the distribution each row's token is drawn from."""
+    soft = torch.log_softmax(logits.float(), dim=-1)
+    return torch.where(greedy[:, None], soft, probs.float().log())
+
+
+def top_logprobs(logprobs: torch.Tensor, token_ids: torch.Tensor, k: int):
+    """logprobs [N, V], chosen ids [N] -> (chosen logprob [N], top ids [N, k], top logprobs [N, k]),
+    the top k in descending order (ties by lower id first, so results do not depend on the kernel)."""
+    chosen = logprobs.gather(-1, token_ids[:, None]).squeeze(-1)
+    if k <= 0:
+        empty = logprobs.new_zeros(logprobs.shape[0], 0)
+        return chosen, empty.long(), empty
+    # Stable ordering: sort by (-logprob, id); a plain topk may order equal values arbitrarily.
+    order = torch.sort(logprobs, dim=-1, descending=True, stable=True).indices[:, :k]
+    return chosen, order, logprobs.gather(-1, order)

@@ -1,0 +1,259 @@
+"""Structured output: a grammar-constrained sampling mask per row, through llguidance.
+
+Library choice, by measurement (`benchmarks/grammar_mask.py`, numbers in benchmarks/RESULTS.md): at
+the release's 128k vocabulary llguidance compiles a per-request grammar in milliseconds where xgrammar
+0.2.8 takes about a second, their masks cost the same order per row and step, and llguidance is one Rust
+wheel with no dependencies (xgrammar pulls triton, apache-tvm-ffi and transformers in at run time). It
+also reads a tokenizer.json directly and offers rollback and draft-token masks, which MTP needs.
+
+    compiler = GrammarCompiler(tokenizer, vocab_size, stop_ids)     # once per server (~1 s at 128k vocab)
+    grammar = compiler.json_schema(schema, reasoning=True)          # per request; UserError if invalid
+    m = compiler.matcher(grammar)                                   # per row (one per choice)
+    m.fill_mask(bits[row])            # int32 bitmask of the allowed next tokens
+    m.consume([tok])                  # after sampling; rollback(n) undoes the last n tokens
+
+Grammars (lark, the Step 3.5 chat format of SPEC section 8):
+- a chat reply starts inside the think block (the generation prompt ends in `<think>\n`), so with
+  `reasoning=True` any text up to `</think>` comes first and the constraint applies after it, as in
+  vLLM's reasoning-aware structured output; `reasoning_max_chars` bounds it;
+- `json_object` / `json_schema`: the body is JSON (llguidance's JSON Schema compiler);
+- tool calls (`tool_choice` "required" or a named function): the body is one or more blocks
+  `<tool_call>\n<function=NAME>\n<parameter=ARG>\nVALUE\n</parameter>\n...</function>\n</tool_call>`,
+  parameters in the schema's property order, required ones present; a string-typed value is raw text
+  (the template writes strings as they are), any other value is JSON for its sub-schema. Special
+  tokens (`</think>`, `<tool_call>`) are matched as the tokenizer's single token when it has one.
+After the body only a stop id (eos, end of turn) is allowed.
+
+MTP speculation: drafts are masked by the same matcher as they are drafted (`fill_mask` + `consume`
+per draft), the verifier's K + 1 distributions need the masks along the drafts
+(`masks_along_drafts`), and after acceptance `rollback` removes the rejected drafts.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+import torch
+
+from stepflash.errors import UserError
+
+THINK_END, CALL_START, CALL_END = "</think>", "<tool_call>", "</tool_call>"
+
+
+def _llguidance():
+    try:
+        import llguidance
+    except ImportError as e:  # a pinned dependency; only a broken install gets here
+        raise UserError(f"structured output needs the llguidance package ({e})") from None
+    return llguidance
+
+
+@dataclass(frozen=True)
+class Grammar:
+    """A validated grammar in llguidance's serialized form, and what it was built for."""
+
+    source: str
+    kind: str  # "json_object", "json_schema", "tool_calls"
+
+
+class GrammarCompiler:
+    """The tokenizer as the grammar library sees it, and grammar construction and validation."""
+
+    def __init__(self, tokenizer, vocab_size: int, stop_ids: list[int]):
+        llg = _llguidance()
+        self.vocab_size = vocab_size
+        self.stop_ids = sorted(set(stop_ids))
+        # A tokenizer.json string: byte-level BPE is decoded by the library; n_vocab pads to the model's
+        # vocabulary (ids past the tokenizer's are never allowed).
+        self.ll_tokenizer = llg.LLTokenizer(tokenizer.to_str(), n_vocab=vocab_size, eos_token=self.stop_ids)
+        self._special = {t: tokenizer.token_to_id(t) for t in (THINK_END, CALL_START, CALL_END)}
+
+    # ---- grammars -------------------------------------------------------------------------------
+    def _tag(self, text: str) -> str:
+        """A tag as a lark item: the tokenizer's single special token if it has one, else the text."""
+        tid = self._special.get(text)
+        return f"<[{tid}]>" if tid is not None else _literal(text)
+
+    def _wrap(self, body_rules: str, reasoning: bool, reasoning_max_chars: int | None) -> str:
+        if not reasoning:
+            return "start: body\n" + body_rules
+        # Bounded in characters, not tokens: llguidance cannot roll back through a max_tokens lexeme.
+        length = "*" if reasoning_max_chars is None else f"{{0,{int(reasoning_max_chars)}}}"
+        if self._special.get(THINK_END) is not None:
+            # Free text, then the special token; the text may not spell `</think>` either (the chat
+            # parser reads text, so that would end the reasoning early).
+            think = (f"start: think {self._tag(THINK_END)} /\\n{{0,2}}/ body\nthink: THINK_TEXT\n"
+                     f"THINK_TEXT: /(?s:.{length})/ & ~/(?s:.*)<\\/think>(?s:.*)/\n")
+        else:  # `</think>` is text: a lazy lexeme ends at its first occurrence
+            think = f"start: think /\\n{{0,2}}/ body\nthink[lazy]: /(?s:.{length})<\\/think>/\n"
+        return think + body_rules
+
+    def json_object(self, reasoning: bool = False, reasoning_max_chars: int | None = None) -> Grammar:
+        return self.json_schema({"type": "object"}, reasoning, reasoning_max_chars, kind="json_object")
+
+    def json_schema(self, schema: dict, reasoning: bool = False, reasoning_max_chars: int | None = None,
+                    kind: str = "json_schema") -> Grammar:
+        if not isinstance(schema, dict):
+            raise UserError("the JSON schema must be an object")
+        body = f"body: {_json_item(schema)}\n"
+        return self._compile(self._wrap(body, reasoning, reasoning_max_chars), kind)
+
+    def tool_calls(self, tools: list[dict], name: str | None = None, parallel: bool = True,
+                   reasoning: bool = False, reasoning_max_chars: int | None = None) -> Grammar:
+        """One call of function `name`, or (name None: tool_choice "required") one call of any of
+        `tools`, or several if `parallel`. tools: OpenAI tool dicts ({"type": "function", "function": {...}})."""
+        functions = [t.get("function", t) for t in tools]
+        if name is not None:
+            functions = [f for f in functions if f.get("name") == name]
+            if not functions:
+                raise UserError(f"tool_choice names function {name!r}, which is not in tools")
+        if not functions:
+            raise UserError("tool_choice 'required' needs at least one tool")
+        rules, alternatives = [], []
+        for i, fn in enumerate(functions):
+            alternatives.append(f"fn{i}")
+            rules += _function_rules(i, fn)
+        call = (f"call: {self._tag(CALL_START)} \"\\n<function=\" ({' | '.join(alternatives)}) "
+                f"\"</function>\\n\" {self._tag(CALL_END)}\n")
+        repeat = "+" if parallel and name is None else ""
+        body = f"body: call{repeat}\n" + call + "\n".join(rules) + "\n"
+        return self._compile(self._wrap(body, reasoning, reasoning_max_chars), "tool_calls")
+
+    def _compile(self, lark: str, kind: str) -> Grammar:
+        llg = _llguidance()
+        source = llg.LLMatcher.grammar_from_lark(lark)
+        is_error, messages = llg.LLMatcher.validate_grammar_with_warnings(source, self.ll_tokenizer)
+        if is_error:
+            raise UserError(f"the {kind.replace('_', ' ')} grammar is not valid: {messages[0].splitlines()[0]}")
+        return Grammar(source, kind)
+
+    def matcher(self, grammar: Grammar) -> "GrammarMatcher":
+        return GrammarMatcher(_llguidance().LLMatcher(self.ll_tokenizer, grammar.source, log_level=0),
+                              self.vocab_size)
+
+
+def _function_rules(i: int, fn: dict) -> list[str]:
+    name = fn.get("name")
+    if not isinstance(name, str) or not name or any(c in name for c in "<>\n\""):
+        raise UserError(f"tool function name {name!r} cannot be used in a tool call")
+    params = fn.get("parameters") or {}
+    properties = params.get("properties") or {}
+    if not isinstance(properties, dict):
+        raise UserError(f"function {name!r}: parameters.properties must be an object")
+    required = set(params.get("required") or [])
+    items = []
+    for j, (arg, schema) in enumerate(properties.items()):
+        if not isinstance(arg, str) or not arg or any(c in arg for c in "<>\n\""):
+            raise UserError(f"function {name!r}: parameter name {arg!r} cannot be used in a tool call")
+        items.append(f"p{i}_{j}" + ("" if arg in required else "?"))
+    rules = [f"fn{i}: {_literal(name + '>' + chr(10))} {' '.join(items)}"]
+    for j, (arg, schema) in enumerate(properties.items()):
+        rules.append(f"p{i}_{j}: {_literal(f'<parameter={arg}>' + chr(10))} {_value(schema, f'{i}_{j}', rules)}")
+    return rules
+
+
+_CLOSE = '"\\n</parameter>\\n"'
+
+
+def _value(schema, key: str, rules: list[str]) -> str:
+    """A parameter's value and its closing tag as a lark item: raw text for a plain string, JSON for
+    anything else. Raw text is a lazy lexeme that ends at the first closing tag and never contains
+    `</parameter>` (the chat parser ends a value at the first one); a greedy one would run past it."""
+    if not isinstance(schema, dict):
+        return f"{_json_item({})} {_CLOSE}"
+    if schema.get("type") == "string" and not any(k in schema for k in ("enum", "const", "pattern", "format")):
+        lo, hi = int(schema.get("minLength") or 0), schema.get("maxLength")
+        hi = "" if hi is None else int(hi)
+        rules += [f"v{key}[lazy]: VALUE{key}", f"VALUE{key}: TEXT{key} {_CLOSE}",
+                  f"TEXT{key}: /(?s:.{{{lo},{hi}}})/ & ~/(?s:.*)<\\/parameter>(?s:.*)/"]
+        return f"v{key}"
+    if schema.get("type") == "string" and isinstance(schema.get("enum"), list):
+        return "(" + " | ".join(_literal(str(v)) for v in schema["enum"]) + f") {_CLOSE}"
+    return f"{_json_item(schema)} {_CLOSE}"
+
+
+def _literal(text: str) -> str:
+    """A lark string literal (JSON escaping is lark's: \\n, \\", \\\\)."""
+    return json.dumps(text, ensure_ascii=False)
+
+
+# JSON as `json.dumps` writes it: one space after ',' and ':', no other whitespace (free whitespace lets
+# a model pad forever, and is not what models are trained on). A schema's own "x-guidance" wins.
+_JSON_STYLE = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
+
+
+def _json_item(schema: dict) -> str:
+    schema = {**schema, "x-guidance": {**_JSON_STYLE, **(schema.get("x-guidance") or {})}}
+    return f"%json {json.dumps(schema, ensure_ascii=False)}"
+
+
+class GrammarMatcher:
+    """One row's grammar state: masks, consumption, rollback (a thin layer over llguidance.LLMatcher)."""
+
+    def __init__(self, ll_matcher, vocab_size: int):
+        self._m = ll_matcher
+        self.vocab_size = vocab_size
+        self.words = (vocab_size + 31) // 32  # int32 words per mask
+        if ll_matcher.is_error():
+            raise UserError(f"the grammar could not be started: {ll_matcher.get_error()}")
+
+    def fill_mask(self, out: torch.Tensor) -> None:
+        """Write the allowed next tokens into out [words] int32 (CPU, contiguous): bit t%32 of word t//32."""
+        assert out.dtype == torch.int32 and out.is_contiguous() and not out.is_cuda
+        self._m.unsafe_compute_mask_ptr(out.data_ptr(), self.words * 4)
+
+    def consume(self, token_ids: list[int]) -> bool:
+        """Advance by accepted tokens; False if one is not allowed (the matcher is then in error)."""
+        return self._m.consume_tokens(list(token_ids))
+
+    def rollback(self, n: int) -> None:
+        if n > 0 and not self._m.rollback(n):
+            raise RuntimeError(f"grammar rollback of {n} tokens failed: {self._m.get_error()}")
+
+    def reset(self) -> None:
+        """Back to the start of the grammar (rolls back every consumed token)."""
+        self._m.reset()
+
+    def masks_along_drafts(self, drafts: list[int], out: torch.Tensor) -> int:
+        """Masks for verifying `drafts`: out[t] (t = 0..len(drafts)) is the mask after drafts[:t]. Stops
+        at the first draft the grammar refuses (its later rows are left as they were; such a draft
+        has p = 0 and is rejected anyway). Leaves the state unchanged; returns how many masks it wrote."""
+        valid = self._m.validate_tokens(list(drafts))  # consuming a refused token would poison the matcher
+        for t in range(valid + 1):
+            self.fill_mask(out[t])
+            if t < valid and not self._m.consume_token(drafts[t]):
+                raise RuntimeError(f"grammar matcher refused a validated draft: {self._m.get_error()}")
+        self.rollback(valid)
+        return valid + 1
+
+    def validate(self, token_ids: list[int]) -> int:
+        """How many of token_ids, in order, the grammar allows from here (the state does not change)."""
+        return self._m.validate_tokens(list(token_ids))
+
+    @property
+    def is_stopped(self) -> bool:
+        """Nothing but a stop id may follow (the grammar is complete and cannot continue)."""
+        return self._m.is_stopped()
+
+    @property
+    def is_accepting(self) -> bool:
+        """The text so far is complete: a stop id is allowed now (more may be too)."""
+        return self._m.is_accepting()
+
+    @property
+    def error(self) -> str:
+        return self._m.get_error() if self._m.is_error() else ""
+
+
+def bitmask_to_bool(bits: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """int32 bitmask [..., words] -> bool [..., vocab_size] (allowed = True)."""
+    shifts = torch.arange(32, dtype=torch.int32, device=bits.device)
+    unpacked = (bits[..., :, None] >> shifts) & 1  # [..., words, 32]
+    return unpacked.reshape(*bits.shape[:-1], -1)[..., :vocab_size].bool()
+
+
+def apply_mask(logits: torch.Tensor, bits: torch.Tensor) -> torch.Tensor:
+    """logits [..., V] with the tokens a bitmask [..., words] disallows set to -inf (in place)."""
+    allowed = bitmask_to_bool(bits.to(logits.device), logits.shape[-1])
+    return logits.masked_fill_(~allowed, float("-inf"))
