@@ -117,6 +117,7 @@ def main() -> None:
     best = {k: 0.0 for k in runs}
     for _ in range(args.repeats):  # interleaved, so a burst of load hits every row alike
         for key, run in runs.items():
+            time.sleep(0.2)  # let the other runtime's OpenMP threads stop spinning (torch and llama.cpp each have one)
             best[key] = max(best[key], run())
     load_after = os.getloadavg()
     base = {t: best[("stepflash engine", t)] for t in (1, 2)}

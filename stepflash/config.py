@@ -5,6 +5,8 @@ release config loads with `Step35Config.from_json(path)` and `to_dict()` writes 
 form (48-entry per-layer lists ending with the 3 MTP entries, `moe_layers_enum` as a comma string,
 `attention_other_setting` for the sliding layers). Keys we do not model are kept in `extra` and
 written back unchanged. Every structural value is read from here; nothing is hard-coded in the model.
+`to_dict` writes every field, including switches the release leaves to defaults (`norm_expert_weight`,
+`max_seq_len`), because vLLM, SGLang and llama.cpp default them differently (docs/peers.md).
 
 Presets: `flash` (the release), `small` (a ~37M-parameter CPU-trainable demo keeping every feature)
 and `tiny` (unit tests).

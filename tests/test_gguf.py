@@ -204,9 +204,25 @@ def _llama_cpp():
     return pytest.importorskip("llama_cpp")
 
 
-def _load(path, n_ctx=128):
-    return _llama_cpp().Llama(model_path=path, n_ctx=n_ctx, n_batch=n_ctx, n_threads=1, n_threads_batch=1,
-                              logits_all=True, verbose=False)
+def _load(path, n_ctx=128, repack=True):
+    """llama.cpp with an f32 KV cache (its default is f16, a rounding stepflash's f32 cache does not have).
+    repack=False keeps weights in plain CPU buffers: on this machine llama.cpp's AMX repacking of q8_0
+    weights segfaults (docs/gguf.md), whatever the model."""
+    llama_cpp = _llama_cpp()
+    f32 = llama_cpp.GGML_TYPE_F32
+    default_params = llama_cpp.llama_cpp.llama_model_default_params
+
+    def params():
+        p = default_params()
+        p.use_extra_bufts = repack
+        return p
+
+    llama_cpp.llama.llama_cpp.llama_model_default_params = params  # read once, by Llama.__init__
+    try:
+        return llama_cpp.Llama(model_path=path, n_ctx=n_ctx, n_batch=n_ctx, n_threads=1, n_threads_batch=1,
+                               logits_all=True, type_k=f32, type_v=f32, verbose=False)
+    finally:
+        llama_cpp.llama.llama_cpp.llama_model_default_params = default_params
 
 
 def _teacher_forced(llm, ids):
@@ -220,7 +236,6 @@ def _prompt(checkpoint):
     return tok.encode(TEXTS[0] + TEXTS[2] + TEXTS[4]).ids  # longer than the sliding window (8)
 
 
-@pytest.mark.slow
 def test_llama_cpp_tokenizes_like_stepflash(checkpoint, exported):
     tok = load_tokenizer(checkpoint)
     llm = _load(exported["f32"])
@@ -232,7 +247,6 @@ def test_llama_cpp_tokenizes_like_stepflash(checkpoint, exported):
                                                                                          skip_special_tokens=False)
 
 
-@pytest.mark.slow
 def test_llama_cpp_logits_and_greedy_tokens_equal_stepflash(checkpoint, exported):
     model = stepflash.load_model(checkpoint, dtype=torch.float32).eval()
     ids = _prompt(checkpoint)
@@ -241,7 +255,7 @@ def test_llama_cpp_logits_and_greedy_tokens_equal_stepflash(checkpoint, exported
     theirs = _teacher_forced(_load(exported["f32"]), ids)
     scale = np.abs(ours).max()
     assert scale > 1.0  # logits far from zero: a wrong model cannot pass by accident
-    np.testing.assert_allclose(theirs, ours, rtol=0, atol=1e-4 * scale)
+    np.testing.assert_allclose(theirs, ours, rtol=0, atol=3e-5 * scale)  # measured: 2e-6 * scale
     # Greedy continuation: llama.cpp's own sampler (temperature 0) against argmax of stepflash's forward.
     llm = _load(exported["f32"])
     got = []
@@ -256,12 +270,14 @@ def test_llama_cpp_logits_and_greedy_tokens_equal_stepflash(checkpoint, exported
             want.append(nxt)
             seq.append(nxt)
     assert got == want
-    # f16 is a rounding of the same model: the same top-1 almost everywhere.
-    f16 = _teacher_forced(_load(exported["f16"]), ids)
-    assert (f16.argmax(-1) == ours.argmax(-1)).mean() >= 0.9
+    # f16 is a rounding of the same model: the same top-1 almost everywhere (measured 100%). bf16 and q8_0
+    # round harder and, with random weights, flip expert choices (measured 92% and 84%): a smoke test that
+    # llama.cpp reads those formats as written (a misread tensor agrees on ~1/384 of positions).
+    for dtype, least in (("f16", 0.95), ("bf16", 0.6), ("q8_0", 0.6)):
+        quantized = _teacher_forced(_load(exported[dtype], repack=dtype != "q8_0"), ids)
+        assert (quantized.argmax(-1) == ours.argmax(-1)).mean() >= least, dtype
 
 
-@pytest.mark.slow
 def test_without_renormalisation_llama_cpp_is_a_different_model(checkpoint, tmp_path, monkeypatch):
     """Negative control for the logits test: the GGUF with `expert_weights_norm` false (what llama.cpp assumes
     when a config.json omits norm_expert_weight) gives logits far outside the tolerance."""
