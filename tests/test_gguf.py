@@ -177,7 +177,7 @@ def test_refusals_are_one_line(checkpoint, tmp_path, capsys):
     assert main(["convert", bad, str(tmp_path / "a.gguf")]) == 2
     err = capsys.readouterr().err.strip()
     assert "not GPT-2's byte-level regex" in err and "\n" not in err
-    assert not os.path.exists(tmp_path / "a.gguf")
+    assert not os.path.exists(tmp_path / "a.gguf") and not os.path.exists(tmp_path / "a.gguf.tmp")
     assert main(["convert", bad, str(tmp_path / "a.gguf"), "--tokenizer-pre", "llama-bpe"]) == 0  # named by the user
     assert read_metadata(str(tmp_path / "a.gguf"))["tokenizer.ggml.pre"] == "llama-bpe"
     os.remove(os.path.join(bad, "tokenizer.json"))

@@ -127,7 +127,8 @@ def run(args: ConvertArgs) -> int:
         if not os.path.isfile(os.path.join(args.src, "config.json")):
             raise UserError(f"DCP checkpoint {args.src} has no config.json to rebuild the model from")
         model = dcp_to_model(args.src, dtype)
-        save_model(model, args.dst, max_shard_size=args.max_shard_size, dtype=dtype)  # dtype: config.json's too
+        tok = args.src if os.path.isfile(os.path.join(args.src, "tokenizer.json")) else None  # its stop tokens too
+        save_model(model, args.dst, max_shard_size=args.max_shard_size, dtype=dtype, tokenizer=tok)
         kind = "safetensors"
     elif os.path.isfile(os.path.join(args.src, SINGLE_NAME)) or os.path.isfile(os.path.join(args.src, INDEX_NAME)):
         model = load_model(args.src, dtype=dtype)

@@ -215,8 +215,12 @@ def export_gguf(src: str, out: str, dtype: str, tensors: TensorSource, cfg: Step
             data = load().detach().to(torch.float32).contiguous().numpy()  # [shape] as stored, fp32
             assert data.shape == shape, f"{out_name}: loaded {data.shape}, planned {shape}"
             w.write_tensor_data(gguf.quants.quantize(data, qtype))
-    finally:
+    except BaseException:
         w.close()
+        if os.path.exists(tmp):
+            os.remove(tmp)  # nothing half-written is left behind, under either name
+        raise
+    w.close()
     os.replace(tmp, out)
     return len(plan)
 
@@ -245,6 +249,6 @@ def _read(fpath: str, name: str) -> torch.Tensor:
 
 
 def read_metadata(path: str) -> dict:
-    """The GGUF's key/values as Python values (strings decoded, arrays as lists): for tests and `convert`'s summary."""
+    """The GGUF's key/values as Python values (strings decoded, arrays as lists), to inspect a file."""
     reader = gguf.GGUFReader(path)
     return {name: field.contents() for name, field in reader.fields.items()}
