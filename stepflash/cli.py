@@ -34,7 +34,7 @@ VERBS: dict[str, tuple[str, str, str]] = {
     "rl": ("stepflash.rl.trainer", "RLArgs", "RL post-training: MIS-PO, PPO or GRPO"),
     "eval": ("stepflash.evaluation.harness", "EvalArgs", "score a checkpoint or predictions on math/code/tool tasks"),
     "recipe": ("stepflash.posttrain.recipe", "RecipeArgs", "the report's specialise-then-consolidate post-training recipe"),
-    "convert": ("stepflash.checkpoint.convert", "ConvertArgs", "convert between DCP and safetensors checkpoints"),
+    "convert": ("stepflash.checkpoint.convert", "ConvertArgs", "convert between DCP and safetensors checkpoints, or to GGUF (llama.cpp)"),
     "plan": ("stepflash.distributed.plan", "PlanArgs", "memory plan per GPU for training and inference"),
 }
 

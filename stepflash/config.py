@@ -5,6 +5,8 @@ release config loads with `Step35Config.from_json(path)` and `to_dict()` writes 
 form (48-entry per-layer lists ending with the 3 MTP entries, `moe_layers_enum` as a comma string,
 `attention_other_setting` for the sliding layers). Keys we do not model are kept in `extra` and
 written back unchanged. Every structural value is read from here; nothing is hard-coded in the model.
+`to_dict` writes every field, including switches the release leaves to defaults (`norm_expert_weight`,
+`max_seq_len`), because vLLM, SGLang and llama.cpp default them differently (docs/peers.md).
 
 Presets: `flash` (the release), `small` (a ~37M-parameter CPU-trainable demo keeping every feature)
 and `tiny` (unit tests).
@@ -48,6 +50,9 @@ class Step35Config:
         "low_freq_factor": 1.0, "high_freq_factor": 32.0})
     yarn_only_types: list[str] = field(default_factory=lambda: [FULL])
     max_position_embeddings: int = 262144
+    # The context peers serve. None means max_position_embeddings; to_dict writes it either way, since vLLM
+    # defaults an absent max_seq_len to 4096 and SGLang to 128000 (docs/peers.md).
+    max_seq_len: int | None = None
     intermediate_size: int = 11264
     moe_layers_enum: str = ",".join(str(i) for i in range(3, 45))
     moe_num_experts: int = 288
@@ -58,6 +63,9 @@ class Step35Config:
     use_moe_router_bias: bool = True
     need_fp32_gate: bool = True
     moe_router_scaling_factor: float = 3.0
+    # Renormalise the chosen experts' weights to sum 1 before scaling. Always true here; written out because
+    # llama.cpp reads an absent key as false (a different model) while vLLM and SGLang read it as true.
+    norm_expert_weight: bool = True
     use_head_wise_attn_gate: bool = True
     use_qk_norm: bool = True
     zero_centered: bool = True
@@ -90,6 +98,9 @@ class Step35Config:
             need(int(getattr(self, name)) > 0, f"{name} must be a positive integer, got {getattr(self, name)!r}")
         need(n >= 0, f"num_nextn_predict_layers must be >= 0, got {n}")
         need(self.sliding_window > 0, f"sliding_window must be > 0, got {self.sliding_window}")
+        need(self.max_seq_len is None or 0 < int(self.max_seq_len) <= self.max_position_embeddings,
+             f"max_seq_len must be in 1..max_position_embeddings ({self.max_position_embeddings}), "
+             f"got {self.max_seq_len!r}")
         if not isinstance(self.rope_theta, list):
             self.rope_theta = [float(self.rope_theta)] * total
         for name in ("layer_types", "rope_theta", "partial_rotary_factors", "swiglu_limits", "swiglu_limits_shared"):
@@ -122,8 +133,10 @@ class Step35Config:
                  "moe_intermediate_size and share_expert_dim must be > 0")
             need(self.moe_router_activation == "sigmoid",
                  f"moe_router_activation {self.moe_router_activation!r} is not supported (only 'sigmoid')")
+            need(self.norm_expert_weight is True,
+                 "norm_expert_weight=false is not supported (the router always renormalises the top-k weights)")
         if self.rope_scaling is not None:
-            rt = self.rope_scaling.get("rope_type", self.rope_scaling.get("type"))
+            rt = self.rope_scaling_type
             need(rt in ("llama3", "default"), f"rope_scaling.rope_type {rt!r} is not supported (llama3 or default)")
             if rt == "llama3":
                 for k in ("factor", "original_max_position_embeddings", "low_freq_factor", "high_freq_factor"):
@@ -163,6 +176,13 @@ class Step35Config:
     def rotary_dim(self, i: int) -> int:
         return int(self.head_dim_of(i) * self.partial_rotary_factors[i])
 
+    @property
+    def rope_scaling_type(self) -> str | None:
+        """rope_scaling's type ("llama3", "default") or None without scaling; old configs spell the key `type`."""
+        if self.rope_scaling is None:
+            return None
+        return self.rope_scaling.get("rope_type", self.rope_scaling.get("type"))
+
     def rope_scaling_for(self, i: int) -> dict | None:
         """llama3 scaling applies only to the layer types named in `yarn_only_types` (full layers)."""
         if self.rope_scaling is None or self.layer_types[i] not in (self.yarn_only_types or [FULL]):
@@ -176,9 +196,15 @@ class Step35Config:
 
     # ---- (de)serialisation ------------------------------------------------------------------
     def to_dict(self) -> dict:
+        """Every field, so that no switch is left to a peer's default (docs/peers.md lists those defaults)."""
         d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in ("extra", "initializer_range")}
+        d["max_seq_len"] = self.context_length
         d.update(self.extra)
         return d
+
+    @property
+    def context_length(self) -> int:
+        return int(self.max_seq_len or self.max_position_embeddings)
 
     @classmethod
     def from_dict(cls, d: dict) -> "Step35Config":
@@ -190,6 +216,8 @@ class Step35Config:
         extra = {k: v for k, v in d.items() if k not in names}
         if "num_attention_groups" not in known and "num_key_value_heads" in extra:
             known["num_attention_groups"] = extra.pop("num_key_value_heads")
+        if known.get("max_seq_len") == known.get("max_position_embeddings", cls.max_position_embeddings):
+            known.pop("max_seq_len")  # the usual case: follow max_position_embeddings through later replace()s
         return cls(**known, extra=extra)
 
     @classmethod

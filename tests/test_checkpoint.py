@@ -79,3 +79,28 @@ def test_parse_size():
     assert parse_size("5GB") == 5 * 10**9 and parse_size("2GiB") == 2 * 2**30 and parse_size(123) == 123
     with pytest.raises(ValueError):
         parse_size("lots")
+
+
+def test_saved_model_has_what_peers_read(tmp_path, tiny_config):
+    """generation_config.json stops where `stepflash serve` stops; the tokenizer goes beside the weights."""
+    from tokenizers import Tokenizer
+
+    from stepflash.tokenizer import train_tokenizer
+
+    tok = train_tokenizer(["hello world"] * 20, 64)
+    model = stepflash.Step35ForCausalLM(tiny_config)
+    stepflash.save_model(model, str(tmp_path / "with"), tokenizer=tok)
+    files = set(os.listdir(tmp_path / "with"))
+    assert {"config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json"} <= files
+    gen = json.load(open(tmp_path / "with" / "generation_config.json"))
+    assert gen == {"bos_token_id": 0, "eos_token_id": [1, tok.token_to_id("<|im_end|>")],
+                   "pad_token_id": tok.token_to_id("<|pad|>")}
+    assert Tokenizer.from_file(str(tmp_path / "with" / "tokenizer.json")).get_vocab() == tok.get_vocab()
+    config = json.load(open(tmp_path / "with" / "config.json"))
+    assert config["norm_expert_weight"] is True and config["max_seq_len"] == config["max_position_embeddings"]
+    # Without a tokenizer: no tokenizer files, eos ids from the config only. A tokenizer given as a path is copied.
+    stepflash.save_model(model, str(tmp_path / "without"))
+    assert "tokenizer.json" not in os.listdir(tmp_path / "without")
+    assert json.load(open(tmp_path / "without" / "generation_config.json"))["eos_token_id"] == [1]
+    stepflash.save_model(model, str(tmp_path / "copied"), tokenizer=str(tmp_path / "with"))
+    assert open(tmp_path / "copied" / "tokenizer.json").read() == open(tmp_path / "with" / "tokenizer.json").read()

@@ -5,6 +5,7 @@
 - `hf`: tensor-name mapping to and from transformers' native `step3p7` implementation;
 - `dcp`: sharded model + optimizer state with torch.distributed.checkpoint, resumable at any world size;
 - `run`: a training run's `checkpoints/step_N` directories, written atomically, with the trainer state;
+- `gguf`, `gguf_vocab`: export to one GGUF file that llama.cpp (Ollama, LM Studio) runs as `step35`;
 - `convert`: the `convert` verb between the formats.
 
 `from stepflash.checkpoint import load_model, save_model` is the public API; the rest is imported from

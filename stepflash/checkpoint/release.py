@@ -4,7 +4,11 @@
 each tensor in place, cast to `dtype` and moved to `device`; the router bias stays fp32. Every tensor
 is checked: a missing, unexpected or mis-shaped tensor stops the load with its name and both shapes.
 `save_model` writes the same layout back, each file written to a temporary name and renamed, so a
-crash never leaves a half-written file under the final name.
+crash never leaves a half-written file under the final name. Beside the weights it writes what peers
+(vLLM, SGLang, llama.cpp's converter, transformers) read from a model directory: config.json with every
+switch stated, generation_config.json (bos, and every id a reply may end with: the config's eos ids plus
+`<|im_end|>` and `<|eos|>` when the tokenizer has them) and, given a tokenizer, tokenizer.json and
+tokenizer_config.json.
 """
 
 from __future__ import annotations
@@ -23,6 +27,9 @@ from stepflash.model import Step35ForCausalLM
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
+GENERATION_CONFIG_NAME = "generation_config.json"
+# Tokens that end an assistant reply in the chat format; peers stop on generation_config's eos ids only.
+_STOP_TOKENS = ("<|im_end|>", "<|eos|>")
 _KEEP_FP32 = ("router_bias",)  # selection-only bias: precision matters, size does not
 
 
@@ -41,7 +48,7 @@ def parse_size(size: int | str) -> int:
     return int(float(m.group(1)) * base ** "_KMGT".index(m.group(2).upper() or "_"))
 
 
-def _shard_files(path: str) -> dict[str, list[str]]:
+def shard_files(path: str) -> dict[str, list[str]]:
     """file name -> tensor names, from the index when sharded."""
     index = os.path.join(path, INDEX_NAME)
     if os.path.isfile(index):
@@ -79,7 +86,7 @@ def load_model(path: str, dtype: torch.dtype | None = None, device: str | torch.
     if not os.path.isdir(path):
         raise FileNotFoundError(f"checkpoint directory {path} does not exist")
     cfg = config or Step35Config.from_json(path)
-    files = _shard_files(path)
+    files = shard_files(path)
     with torch.device("meta"):
         model = Step35ForCausalLM(cfg)
     expected = _expected_tensors(model)
@@ -117,9 +124,32 @@ def _atomic_save_file(tensors: dict[str, torch.Tensor], fpath: str, metadata: di
     os.replace(tmp, fpath)
 
 
+def _atomic_write_json(obj: dict, fpath: str) -> None:
+    with open(fpath + ".tmp", "w") as f:
+        json.dump(obj, f, indent=2)
+        f.write("\n")
+    os.replace(fpath + ".tmp", fpath)
+
+
+def generation_config(cfg: Step35Config, tokenizer=None) -> dict:
+    """generation_config.json: the config's bos/eos plus the chat stop tokens the tokenizer has, so a peer
+    stops where `stepflash serve` stops. tokenizer: a `tokenizers.Tokenizer` or None."""
+    eos = list(cfg.eos_token_ids)
+    extra = [tokenizer.token_to_id(t) for t in _STOP_TOKENS] if tokenizer is not None else []
+    eos += [i for i in extra if i is not None and i not in eos]
+    out = {"bos_token_id": cfg.bos_token_id, "eos_token_id": eos}
+    pad = tokenizer.token_to_id("<|pad|>") if tokenizer is not None else None
+    if pad is not None:
+        out["pad_token_id"] = pad
+    return out
+
+
 def save_model(model: Step35ForCausalLM, path: str, max_shard_size: int | str = "5GB",
-               dtype: torch.dtype | None = None) -> None:
-    """Write config.json and the weights in the release's layout (sharded past max_shard_size)."""
+               dtype: torch.dtype | None = None, tokenizer=None) -> None:
+    """Write config.json, generation_config.json and the weights in the release's layout (sharded past
+    max_shard_size). tokenizer: a `tokenizers.Tokenizer`, or the path of a tokenizer.json (or of a directory
+    holding one) to copy; its files are written beside the weights and its stop tokens go into
+    generation_config.json."""
     os.makedirs(path, exist_ok=True)
     limit = parse_size(max_shard_size)
     state = model.state_dict()
@@ -150,11 +180,15 @@ def save_model(model: Step35ForCausalLM, path: str, max_shard_size: int | str = 
             for name, t in shard.items():
                 weight_map[name] = fname
                 total += t.numel() * t.element_size()
-        tmp = os.path.join(path, INDEX_NAME + ".tmp")
-        with open(tmp, "w") as f:
-            json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
-        os.replace(tmp, os.path.join(path, INDEX_NAME))
+        _atomic_write_json({"metadata": {"total_size": total}, "weight_map": weight_map}, os.path.join(path, INDEX_NAME))
     cfg = model.config
     if dtype is not None:
         cfg = cfg.replace(torch_dtype=str(dtype).removeprefix("torch."))
     cfg.save_json(os.path.join(path, "config.json"))
+    tok = None
+    if tokenizer is not None:
+        from stepflash.tokenizer import TOKENIZER_FILE, load_tokenizer, save_tokenizer
+
+        save_tokenizer(tokenizer, path)
+        tok = load_tokenizer(os.path.join(path, TOKENIZER_FILE))
+    _atomic_write_json(generation_config(cfg, tok), os.path.join(path, GENERATION_CONFIG_NAME))

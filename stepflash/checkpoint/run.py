@@ -57,16 +57,12 @@ def latest_checkpoint(run_dir: str) -> str | None:
 def save_checkpoint(run_dir: str, step: int, model, trainer_state: dict, tokenizer_src: str | None = None,
                     keep: int = 2) -> str:
     """Write checkpoint `step` and publish it; prune all but the newest `keep`. Returns its path."""
-    from stepflash.tokenizer import save_tokenizer
-
     root = checkpoints_root(run_dir)
     os.makedirs(root, exist_ok=True)
     name = f"step_{step:08d}"
     tmp = os.path.join(root, f".tmp-{name}")
     shutil.rmtree(tmp, ignore_errors=True)
-    save_model(model, tmp)
-    if tokenizer_src is not None:
-        save_tokenizer(tokenizer_src, tmp)
+    save_model(model, tmp, tokenizer=tokenizer_src)  # + tokenizer files and generation_config.json
     torch.save(trainer_state, os.path.join(tmp, STATE_FILE))
     return _publish(run_dir, name, keep)
 
@@ -141,8 +137,8 @@ def save_sharded_checkpoint(run_dir: str, step: int, model, optimizer, trainer_s
     path = None
     if main:
         if plain is not None:
-            save_model(plain, tmp)
-        if tokenizer_src is not None:
+            save_model(plain, tmp, tokenizer=tokenizer_src)
+        elif tokenizer_src is not None:
             save_tokenizer(tokenizer_src, tmp)
         torch.save(trainer_state, os.path.join(tmp, STATE_FILE))
         path = _publish(run_dir, name, keep)

@@ -210,14 +210,12 @@ def load_start(checkpoint: str, texts: list[str], seed: int):
 def save_checkpoint_dir(model, tok, out: str) -> None:
     """Weights, config and tokenizer (a Tokenizer, or the path of one to copy) into a temporary sibling directory, then renamed to `out`."""
     from stepflash.checkpoint import save_model
-    from stepflash.tokenizer import save_tokenizer
     from stepflash.checkpoint.run import replace_dir
 
     out = os.path.abspath(out)
     tmp = out + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    save_model(model, tmp)
-    save_tokenizer(tok, tmp)
+    save_model(model, tmp, tokenizer=tok)  # + tokenizer files and generation_config.json
     replace_dir(tmp, out)
 
 
