@@ -91,13 +91,15 @@ def build_parser(verb: str, args_cls) -> argparse.ArgumentParser:
     return parser
 
 
-def _apply_threads(verb: str, args, requested: int) -> None:
-    """The thread policy, applied before the verb runs; a verb with a `threads` field gets the count."""
-    from stepflash.threads import apply_threads
+def _apply_threads(verb: str, args, requested: int):
+    """The thread policy, applied before the verb runs; a verb with a `threads` field gets the count. The
+    choice is printed once the verb has run for a second, so bad input still gives only its one-line error."""
+    from stepflash.threads import DeferredLine, apply_threads, is_main_rank
 
-    choice = apply_threads(requested, THREADED[verb], getattr(args, "device", None))
+    choice = apply_threads(requested, THREADED[verb], getattr(args, "device", None), announce=False)
     if hasattr(args, "threads"):
         args.threads = choice.threads
+    return DeferredLine(choice.describe()) if is_main_rank() else None
 
 
 def _usage() -> str:
@@ -128,11 +130,12 @@ def main(argv: list[str] | None = None) -> int:
     args_cls = getattr(module, cls_name)
     fields = vars(build_parser(verb, args_cls).parse_args(rest))
     threads = fields.pop("threads", 0) if verb in THREADED else None
+    announcement = None
     try:
         has_threads = any(f.name == "threads" for f in dataclasses.fields(args_cls))
         args = args_cls(**fields, **({"threads": threads} if has_threads and threads is not None else {}))
         if threads is not None:
-            _apply_threads(verb, args, threads)
+            announcement = _apply_threads(verb, args, threads)
         result = module.run(args)
     except (UserError, ConfigError, FileNotFoundError) as e:
         print(f"stepflash {verb}: error: {e}", file=sys.stderr)
@@ -140,6 +143,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"stepflash {verb}: interrupted", file=sys.stderr)
         return 130
+    finally:
+        if announcement is not None:
+            announcement.cancel()  # a verb done within the second had no use for it
     return int(result or 0)
 
 

@@ -14,13 +14,16 @@ policy before a verb runs (benchmarks/RESULTS.md "Threads" has the measurements 
    ops; `train`: forward and backward of a token batch), run at 1 thread and at torch's default,
    interleaved, best of three (~0.5 s on a busy 2-core machine); the faster is kept.
 
-The choice and the reason are printed once, to stderr, by the main rank only.
+The choice and the reason are printed once, to stderr, by the main rank only. The CLI prints it once the
+verb has run for a second (`DeferredLine`): a verb that stops at once on bad input prints only its
+one-line error.
 """
 
 from __future__ import annotations
 
 import os
 import sys
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -122,7 +125,8 @@ def choose_threads(requested: int, work: str, device: str | None = None,
     return ThreadChoice(n, f"measured fastest for {work} work here: {shown}")
 
 
-def _is_main_rank() -> bool:
+def is_main_rank() -> bool:
+    """True outside torchrun and on its rank 0: the process that prints for all."""
     return os.environ.get("RANK", "0") in ("", "0")
 
 
@@ -131,6 +135,28 @@ def apply_threads(requested: int, work: str, device: str | None = None, announce
     """Choose, set torch's intra-op thread count, and print the choice once (main rank)."""
     choice = choose_threads(requested, work, device, measure_fn)
     torch.set_num_threads(choice.threads)
-    if announce and _is_main_rank():
+    if announce and is_main_rank():
         print(choice.describe(), file=sys.stderr, flush=True)
     return choice
+
+
+class DeferredLine:
+    """A line for stderr printed `delay` seconds from now unless cancelled first (then never)."""
+
+    def __init__(self, text: str, delay: float = 1.0):
+        self.text, self.printed = text, False
+        self._lock = threading.Lock()
+        self._timer = threading.Timer(delay, self.print)
+        self._timer.daemon = True
+        self._timer.start()
+
+    def print(self) -> None:
+        with self._lock:
+            if not self.printed:
+                self.printed = True
+                print(self.text, file=sys.stderr, flush=True)
+
+    def cancel(self) -> None:
+        with self._lock:
+            self.printed = True  # from now on, never
+            self._timer.cancel()

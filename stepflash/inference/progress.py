@@ -11,12 +11,13 @@ terminal (tqdm's `disable=None`), so logs and pipes get no carriage-return noise
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
 from tqdm import tqdm
+
+from stepflash.threads import is_main_rank
 
 
 @contextmanager
@@ -24,9 +25,8 @@ def generation_progress(engine, total: int, desc: str, enabled: bool | None = No
                         leave: bool = True) -> Iterator[tqdm]:
     """Count the sequences `engine` finishes inside the block on a bar of `total`. enabled: True/False, or
     None for "when stderr is a terminal"; leave=False erases the bar at the end (per-step rollouts)."""
-    main_rank = os.environ.get("RANK", "0") in ("", "0")
     bar = tqdm(total=total, desc=desc, unit="seq", leave=leave,
-               disable=True if not main_rank else (None if enabled is None else not enabled))
+               disable=True if not is_main_rank() else (None if enabled is None else not enabled))
     own = vars(engine).get("step")  # set when another bar already observes this engine
     step = engine.step
     tokens, t0 = 0, time.perf_counter()
