@@ -127,3 +127,14 @@ def test_probes_run_and_restore_the_thread_count():
     before = torch.get_num_threads()
     times = measure("decode", [1], rounds=1) | measure("train", [1], rounds=1)
     assert all(0 < t < 60 for t in times.values()) and torch.get_num_threads() == before
+
+
+def test_serve_says_what_is_wrong_with_the_checkpoint_path(tmp_path, capsys):
+    (tmp_path / "README.md").write_text("# not a checkpoint\n")
+    (tmp_path / "empty").mkdir()
+    for path, what in [("README.md", "it is a file"), ("empty", "it has no config.json"),
+                       ("missing", "it does not exist")]:
+        assert main(["serve", str(tmp_path / path), "--threads", "1"]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err == [f"stepflash serve: error: no checkpoint at {str(tmp_path / path)!r}: {what} "
+                       "(expected a directory with config.json)"]

@@ -205,10 +205,10 @@ def test_lr_schedule():
 
 
 def test_default_corpus_is_prepared_once_and_cached(tmp_path, monkeypatch):
-    import stepflash.training.data as data_mod
+    import stepflash.training.documents as documents
 
-    few = sorted(data_mod.builtin_corpus_files(), key=os.path.getsize)[:300]  # val holds 1 doc in 100
-    monkeypatch.setattr(data_mod, "builtin_corpus_files", lambda: few)
+    few = sorted(documents.builtin_corpus_files(), key=os.path.getsize)[:300]  # val holds 1 doc in 100
+    monkeypatch.setattr(documents, "builtin_corpus_files", lambda: few)
     monkeypatch.setenv("STEPFLASH_CACHE", str(tmp_path / "cache"))
     h = train(_args(None, tmp_path / "run", steps=2))
     cached = tmp_path / "cache" / "data"
