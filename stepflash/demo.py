@@ -19,6 +19,7 @@
 
 from __future__ import annotations
 
+import math
 import shutil
 import sys
 import time
@@ -80,23 +81,36 @@ def _step_timer(args: DemoArgs, train_args):
 
 def _measure_step_s(args: DemoArgs, train_args) -> float:
     """Seconds per optimizer step, after settling the thread count (stepflash.threads, timing the real
-    training step rather than a probe): the median of three timed steps at the chosen count."""
-    from stepflash.threads import apply_threads
+    training step): the median of three timed steps at the chosen count. A count whose probe is clearly
+    slower is not timed (under load one step at 2 threads has taken 6x one thread's, over a minute)."""
+    from stepflash.threads import apply_threads, measure
 
     steps = _step_timer(args, train_args)
     timed: dict[int, list[float]] = {}
 
     def per_count(counts: list[int]) -> dict[int, float]:
-        for n in counts:  # one thread first: under load it is the fast one and bounds the other's cost
-            fastest = min((t[-1] for t in timed.values()), default=float("inf"))
-            warm = steps(n, 1)[0]  # the first step at a count also warms up
-            timed[n] = [warm] if warm > 3 * fastest else steps(n, 1)  # clearly slower: stop paying for it
-        return {n: min(t) for n, t in timed.items()}
+        probe = measure("train", counts)
+        for n in counts:
+            if probe[n] <= 1.5 * min(probe.values()):
+                steps(n, 1)  # the first step at a count also warms up
+                timed[n] = steps(n, 1)
+        return {n: min(timed[n]) if n in timed else float("inf") for n in counts}
 
     choice = apply_threads(args.threads, "train", args.device, measure_fn=per_count)
     samples = timed.get(choice.threads) or steps(choice.threads, 1)[1:]  # (a warm-up when nothing was timed)
     samples = samples + steps(choice.threads, 3 - len(samples))
     return sorted(samples)[len(samples) // 2]
+
+
+def _train_timed(train, train_args) -> dict:
+    """Train, timing every step: the median step time, validations (and the final save) left out."""
+    ends: list[tuple[float, bool]] = []  # (time the step ended, whether it also validated)
+    t0 = time.perf_counter()
+    h = train(train_args, on_step=lambda step, model, record: ends.append(
+        (time.perf_counter(), bool(record and "val_loss" in record))))
+    gaps = sorted(b - a for (a, _), (b, validated) in zip(ends, ends[1:]) if not validated)
+    return {"history": h, "minutes": (time.perf_counter() - t0) / 60,
+            "step_s": gaps[len(gaps) // 2] if gaps else float("nan")}
 
 
 def _show_text(label: str, prompt: str, continuation: str) -> None:
@@ -188,20 +202,17 @@ def demo(args: DemoArgs) -> dict:
     if steps < 5:
         raise UserError(f"--minutes {args.minutes} leaves {max(left, 0):.0f} s for training after preparation; "
                         f"one step takes {step_s:.1f} s here: raise --minutes")
-    train_args.steps = steps
+    eval_every = max(5, math.ceil(steps / VAL_POINTS))  # validating more often than every 5 steps costs steps
+    steps = int((left - math.ceil(steps / eval_every) * val_s) / step_s)
+    train_args.steps, train_args.eval_every, train_args.time_limit_s = steps, eval_every, left
     train_args.warmup_steps = min(10, steps // 5)
-    train_args.eval_every = max(1, round(steps / VAL_POINTS))
-    train_args.time_limit_s = left
     print(f"[3/5] training {args.preset} for ~{left / 60:.1f} min: {steps} steps of {args.batch_size}x{args.seq_len} "
-          f"tokens ({step_s:.1f} s/step measured, {torch.get_num_threads()} threads; validation every "
-          f"{train_args.eval_every} steps, {val_s:.1f} s each)")
-    step_ends: list[float] = []
-    t_train = time.time()
-    h = train(train_args, on_step=lambda *_: step_ends.append(time.perf_counter()))
-    gaps = sorted(b - a for a, b in zip(step_ends, step_ends[1:]))
-    real_s = gaps[len(gaps) // 2] if gaps else float("nan")
-    print(f"      trained {h['step']} of {steps} planned steps in {(time.time() - t_train) / 60:.1f} min: "
-          f"{real_s:.1f} s/step (median) against the {step_s:.1f} s/step planned")
+          f"tokens ({step_s:.1f} s/step measured, {torch.get_num_threads()} thread(s); validation every "
+          f"{eval_every} steps, {val_s:.1f} s each)")
+    timing = _train_timed(train, train_args)
+    h = timing["history"]
+    print(f"      trained {h['step']} of {steps} planned steps in {timing['minutes']:.1f} min: "
+          f"{timing['step_s']:.1f} s/step (median, validations excluded) against the {step_s:.1f} s/step planned")
 
     after = h["val"][-1]
     print(f"[4/5] validation loss {before['val_loss']:.3f} -> {after['val_loss']:.3f} after {h['step']} steps "
@@ -211,7 +222,7 @@ def demo(args: DemoArgs) -> dict:
     speeds = _generate(h["checkpoint"], args.prompt, args.max_new_tokens, args.temperature, h["step"])
     print(f"done in {(time.time() - t0) / 60:.1f} min (budget {args.minutes:g} min); plots: stepflash plot {args.out}")
     return {"before": before, "after": after, "checkpoint": h["checkpoint"], "steps": h["step"],
-            "planned_steps": steps, "planned_step_s": step_s, "step_s": real_s, **speeds}
+            "planned_steps": steps, "planned_step_s": step_s, "step_s": timing["step_s"], **speeds}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -121,7 +121,8 @@ def choose_threads(requested: int, work: str, device: str | None = None,
         return ThreadChoice(1, "one core available")
     times = (measure_fn or (lambda counts: measure(work, counts)))([1, default])
     n = min(times, key=times.get)
-    shown = " vs ".join(f"{k} thread{'s' if k > 1 else ''} {v * 1e3:.0f} ms" for k, v in times.items())
+    shown = " vs ".join(f"{k} thread{'s' if k > 1 else ''} " + (f"{v * 1e3:.0f} ms" if v < float("inf") else
+                        "not timed (its probe was clearly slower)") for k, v in times.items())
     return ThreadChoice(n, f"measured fastest for {work} work here: {shown}")
 
 
