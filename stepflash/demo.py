@@ -37,7 +37,7 @@ class DemoArgs:
     minutes: float = field(default=8.0, metadata={"help": "total wall-clock budget, preparation included"})
     out: str = field(default="runs/demo", metadata={"help": "run directory (checkpoints, metrics.jsonl)"})
     preset: str = field(default="small", metadata={"help": "model preset"})
-    prompt: str = field(default="import os\n\n\ndef main():\n", metadata={"help": "code prompt for the generation at the end"})
+    prompt: str = field(default="import os\n\n\ndef main():\n    ", metadata={"help": "code prompt for the generation at the end"})
     max_new_tokens: int = field(default=64, metadata={"help": "tokens to generate"})
     temperature: float = field(default=0.8, metadata={"help": "temperature of the sampled generation"})
     batch_size: int = field(default=8, metadata={"help": "sequences per step"})
