@@ -41,7 +41,8 @@ class ThreadChoice:
     reason: str  # why this count: "--threads", "OMP_NUM_THREADS", "device cuda", or the probe's timings
 
     def describe(self) -> str:
-        return f"threads: {self.threads} ({self.reason}; set with --threads N)"
+        hint = "" if self.reason == "--threads" else "; set with --threads N"
+        return f"threads: {self.threads} ({self.reason}{hint})"
 
 
 def _probe_decode(threads: int) -> float:

@@ -240,7 +240,7 @@ def test_missing_input_is_one_line_and_writes_nothing(tmp_path, corpus, capsys):
     assert _nothing_written(out)
 
 
-def test_undecodable_bytes_name_file_line_and_byte(tmp_path, corpus):
+def test_undecodable_bytes_name_file_line_and_byte(tmp_path, corpus, capsys):
     # line 1 is 15 bytes; on line 2 the byte 0xE9 (latin-1 e-acute) follows 13 bytes: file offset 28
     path = _jsonl(tmp_path / "latin1.jsonl", [b'{"text": "ok"}', b'{"text": "caf\xe9"}', *GOOD])
     assert len(b'{"text": "ok"}\n') == 15
@@ -251,6 +251,7 @@ def test_undecodable_bytes_name_file_line_and_byte(tmp_path, corpus):
     meta = prepare(_args(path, out, corpus[1], skip_bad_records=True))
     assert meta["skipped_records"] == 1 and meta["num_docs"] == len(DOCS) + 1
     assert "line 2, byte 28" in meta["first_skipped_record"]
+    assert "skipping 1 bad records (the first: " in capsys.readouterr().err  # said before the long part starts
 
     text_dir = tmp_path / "texts"
     text_dir.mkdir()

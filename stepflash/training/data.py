@@ -169,6 +169,8 @@ def prepare(args: PrepareArgs) -> dict:
         return done
     bad = BadRecords(skip=args.skip_bad_records or args.input in (None, BUILTIN))
     num_docs = _count_documents(args, bad)
+    if bad.count and args.input not in (None, BUILTIN):
+        print(f"skipping {bad.count} bad records (the first: {bad.first})", file=sys.stderr)
     period = val_period(num_docs, args.val_fraction)
     work = partial_dir(args.out)
     try:
@@ -274,8 +276,6 @@ def run(args: PrepareArgs) -> int:
                   file=sys.stderr)
         raise
     period, n = meta.get("val_period"), meta["num_docs"]
-    if meta.get("skipped_records"):
-        print(f"skipped {meta['skipped_records']} bad records (the first: {meta['first_skipped_record']})")
     if period is not None:
         wanted = max(2, round(1 / args.val_fraction))
         why = f"; --val-fraction {args.val_fraction} would hold out none of {n}" if period < wanted else ""
