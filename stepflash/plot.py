@@ -173,7 +173,7 @@ def _single(out_dir: str, name: str, draw) -> str | None:
     return _save(fig, os.path.join(out_dir, name))
 
 
-def draw_summary(records: list[dict], path: str) -> str | None:
+def draw_summary(records: list[dict], path: str, title: str = "run") -> str | None:
     """The overview page: the key panels the run logged, three per row."""
     moe = _moe_metrics(records)
     panels = [lambda ax: draw_loss(ax, records, full=False), lambda ax: draw_mtp(ax, records)]
@@ -191,7 +191,7 @@ def draw_summary(records: list[dict], path: str) -> str | None:
     if not used:
         _pyplot().close(fig)
         return None
-    fig.suptitle(f"run summary ({len(records)} logged steps, last step {records[-1]['step']})", fontsize=11)
+    fig.suptitle(f"{title}: summary to step {records[-1]['step']}", fontsize=11)
     return _save(fig, path)
 
 
@@ -207,7 +207,8 @@ def plot_run(run_dir: str, out_dir: str | None = None) -> list[str]:
         raise UserError(f"{path} has no records yet")
     out_dir = out_dir or os.path.join(run_dir, "plots")
     os.makedirs(out_dir, exist_ok=True)
-    written = [draw_summary(records, os.path.join(out_dir, "summary.png")),
+    name = os.path.basename(os.path.normpath(os.path.abspath(run_dir)))
+    written = [draw_summary(records, os.path.join(out_dir, "summary.png"), name),
                _single(out_dir, "loss.png", lambda ax: draw_loss(ax, records)),
                _single(out_dir, "mtp_loss.png", lambda ax: draw_mtp(ax, records))]
     written += [_single(out_dir, f"{k}.png", lambda ax, k=k: draw_scalar(ax, records, k)) for k in OPTIMISATION]
