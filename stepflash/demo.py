@@ -102,6 +102,18 @@ def _measure_step_s(args: DemoArgs, train_args) -> float:
     return sorted(samples)[len(samples) // 2]
 
 
+def plan_steps(seconds: float, step_s: float, val_s: float) -> tuple[int, int]:
+    """(steps, eval_every) that fit `seconds`: the most steps whose time plus their validations' does, a
+    validation every ~1/VAL_POINTS of the run but not more often than every 5 steps, the last at the end."""
+    steps = int(seconds / step_s)
+    while steps > 0:
+        eval_every = max(5, math.ceil(steps / VAL_POINTS))
+        if steps * step_s + math.ceil(steps / eval_every) * val_s <= seconds:
+            return steps, eval_every
+        steps -= 1
+    return 0, 5
+
+
 def _train_timed(train, train_args) -> dict:
     """Train, timing every step: the median step time, validations (and the final save) left out."""
     ends: list[tuple[float, bool]] = []  # (time the step ended, whether it also validated)
@@ -198,12 +210,11 @@ def demo(args: DemoArgs) -> dict:
     before = evaluate(build_model(train_args, device), val, device)
     val_s = time.perf_counter() - t_val
     left = budget - (time.time() - t0) - RESERVE_S
-    steps = int((left - VAL_POINTS * val_s) / step_s)
+    steps, eval_every = plan_steps(left, step_s, val_s)
     if steps < 5:
-        raise UserError(f"--minutes {args.minutes} leaves {max(left, 0):.0f} s for training after preparation; "
-                        f"one step takes {step_s:.1f} s here: raise --minutes")
-    eval_every = max(5, math.ceil(steps / VAL_POINTS))  # validating more often than every 5 steps costs steps
-    steps = int((left - math.ceil(steps / eval_every) * val_s) / step_s)
+        need = (time.time() - t0 + RESERVE_S + 5 * step_s + val_s) / 60
+        raise UserError(f"--minutes {args.minutes:g} leaves {max(left, 0):.0f} s for training after preparation; "
+                        f"one step takes {step_s:.1f} s here: five steps need --minutes {math.ceil(need)} or more")
     train_args.steps, train_args.eval_every, train_args.time_limit_s = steps, eval_every, left
     train_args.warmup_steps = min(10, steps // 5)
     print(f"[3/5] training {args.preset} for ~{left / 60:.1f} min: {steps} steps of {args.batch_size}x{args.seq_len} "

@@ -18,3 +18,21 @@ def test_whitespace_only_text_is_made_visible(capsys):
     _show_text("greedy", "def main():\n", "    return 0\n")  # negative control: real text is shown as it is
     out = capsys.readouterr().out
     assert "whitespace only" not in out and "def main():\n    return 0\n" in out
+
+
+def test_step_plan_fits_the_budget_with_its_validations():
+    import math
+
+    from stepflash.demo import VAL_POINTS, plan_steps
+
+    def cost(steps, every, step_s, val_s):
+        return steps * step_s + math.ceil(steps / every) * val_s
+
+    for seconds, step_s, val_s in [(170, 15.1, 12.0), (360, 6.7, 3.0), (2000, 0.3, 0.2), (40, 0.3, 0.2)]:
+        steps, every = plan_steps(seconds, step_s, val_s)
+        assert cost(steps, every, step_s, val_s) <= seconds  # fits
+        bigger = max(5, math.ceil((steps + 1) / VAL_POINTS))
+        assert cost(steps + 1, bigger, step_s, val_s) > seconds  # and is the most that fits
+        assert every >= 5 and math.ceil(steps / every) <= VAL_POINTS + 1
+    assert plan_steps(170, 15.1, 12.0) == (9, 5)  # 2 validations, not 8: a short run still trains
+    assert plan_steps(-5, 1.0, 1.0)[0] == 0
