@@ -5,6 +5,11 @@ The dataclass fields become the verb's flags (`max_new_tokens` -> `--max-new-tok
 metadata says `positional=True` becomes a positional argument. Modules are imported only when their
 verb runs, so `stepflash info` does not pay for FastAPI or the trainer.
 
+Every verb that computes (the THREADED table) also gets `--threads N`: the CLI applies the thread
+policy of `stepflash/threads.py` before the verb runs (N, or by default the count measured fastest here
+for that kind of work) and prints the choice once; a verb whose dataclass has a `threads` field of its
+own receives the count chosen.
+
 Errors a user can cause are raised as `stepflash.errors.UserError` (or `ConfigError`) anywhere below and printed here as
 one line, with exit status 2.
 """
@@ -38,6 +43,14 @@ VERBS: dict[str, tuple[str, str, str]] = {
     "plan": ("stepflash.distributed.plan", "PlanArgs", "memory plan per GPU for training and inference"),
 }
 
+# verb -> the kind of work its thread probe measures (stepflash.threads.PROBES).
+THREADED: dict[str, str] = {
+    "train": "train", "sft": "train", "rm train": "train", "rl": "train", "recipe": "train", "mtp": "train",
+    "generate": "decode", "serve": "decode", "eval": "decode",
+}
+THREADS_HELP = ("torch CPU threads (0: time this verb's kind of work at 1 thread and at torch's default on this "
+                "machine, as loaded now, and keep the faster; OMP_NUM_THREADS, when set, is used instead)")
+
 
 def _flag_type(tp):
     """Map a dataclass field annotation to (argparse type, nargs, is_bool)."""
@@ -57,6 +70,8 @@ def build_parser(verb: str, args_cls) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=f"stepflash {verb}", description=(args_cls.__doc__ or "").strip())
     hints = typing.get_type_hints(args_cls)
     for f in dataclasses.fields(args_cls):
+        if f.name == "threads" and verb in THREADED:
+            continue  # the one --threads flag is added below
         tp, nargs, is_bool = _flag_type(hints[f.name])
         help_text = f.metadata.get("help", "").replace("%", "%%")  # argparse formats help with %
         has_default = f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING
@@ -71,7 +86,20 @@ def build_parser(verb: str, args_cls) -> argparse.ArgumentParser:
         else:
             parser.add_argument(flag, type=tp, nargs=nargs, default=default, required=not has_default,
                                 help=f"{help_text} (default: {default})" if has_default else help_text)
+    if verb in THREADED:
+        parser.add_argument("--threads", type=int, default=0, help=f"{THREADS_HELP} (default: 0)")
     return parser
+
+
+def _apply_threads(verb: str, args, requested: int):
+    """The thread policy, applied before the verb runs; a verb with a `threads` field gets the count. The
+    choice is printed once the verb has run for a second, so bad input still gives only its one-line error."""
+    from stepflash.threads import DeferredLine, apply_threads, is_main_rank
+
+    choice = apply_threads(requested, THREADED[verb], getattr(args, "device", None), announce=False)
+    if hasattr(args, "threads"):
+        args.threads = choice.threads
+    return DeferredLine(choice.describe()) if is_main_rank() else None
 
 
 def _usage() -> str:
@@ -100,9 +128,14 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         raise
     args_cls = getattr(module, cls_name)
-    ns = build_parser(verb, args_cls).parse_args(rest)
+    fields = vars(build_parser(verb, args_cls).parse_args(rest))
+    threads = fields.pop("threads", 0) if verb in THREADED else None
+    announcement = None
     try:
-        args = args_cls(**vars(ns))
+        has_threads = any(f.name == "threads" for f in dataclasses.fields(args_cls))
+        args = args_cls(**fields, **({"threads": threads} if has_threads and threads is not None else {}))
+        if threads is not None:
+            announcement = _apply_threads(verb, args, threads)
         result = module.run(args)
     except (UserError, ConfigError, FileNotFoundError) as e:
         print(f"stepflash {verb}: error: {e}", file=sys.stderr)
@@ -110,6 +143,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"stepflash {verb}: interrupted", file=sys.stderr)
         return 130
+    finally:
+        if announcement is not None:
+            announcement.cancel()  # a verb done within the second had no use for it
     return int(result or 0)
 
 

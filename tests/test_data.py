@@ -81,25 +81,43 @@ def test_shards_hold_every_document_followed_by_eos(corpus, tmp_path):
 def test_prepare_is_deterministic_and_resumable(corpus, tmp_path, monkeypatch):
     root, tok_dir = corpus
     prepare(_args(root, tmp_path / "one", tok_dir))
-    prepare(_args(root, tmp_path / "two", tok_dir))
     reference = _tree_bytes(tmp_path / "one")
-    assert reference == _tree_bytes(tmp_path / "two")
+    assert reference == (prepare(_args(root, tmp_path / "two", tok_dir)) and _tree_bytes(tmp_path / "two"))
 
-    # Simulate a crash after shard 1: shards 2.. never finished, no meta.json, a stray temp file.
-    d = tmp_path / "two"
-    for k in (2, 3, 4):
-        os.remove(d / "shards" / f"shard-{k:05d}.json")
-    os.remove(d / "shards" / "train-00003.bin")
-    os.remove(d / "meta.json")
-    (d / "shards" / "train-00002.bin.tmp").write_bytes(b"partial")
-    written = []
+    # A crash while writing shard 2: no output directory, the finished shards kept aside for the retry.
     real = data_mod._write_shard
+
+    def crash_at_2(out, k, *a):
+        if k == 2:
+            raise RuntimeError("killed")
+        return real(out, k, *a)
+
+    monkeypatch.setattr(data_mod, "_write_shard", crash_at_2)
+    d = tmp_path / "three"
+    with pytest.raises(RuntimeError):
+        prepare(_args(root, d, tok_dir))
+    assert not d.exists() and os.path.isfile(os.path.join(data_mod.partial_dir(str(d)), "shards", "shard-00001.json"))
+    written = []
     monkeypatch.setattr(data_mod, "_write_shard", lambda out, k, *a: written.append(k) or real(out, k, *a))
     prepare(_args(root, d, tok_dir))
     assert written == [2, 3, 4]  # finished shards were skipped
-    after = _tree_bytes(d)
-    after.pop("shards/train-00002.bin.tmp", None)
-    assert after == reference
+    assert _tree_bytes(d) == reference and not os.path.exists(data_mod.partial_dir(str(d)))
+    # Running a finished prepare again with the same settings writes nothing.
+    prepare(_args(root, d, tok_dir))
+    assert written == [2, 3, 4] and _tree_bytes(d) == reference
+
+
+def test_unfinished_prepare_with_other_settings_is_discarded(corpus, tmp_path, monkeypatch):
+    root, tok_dir = corpus
+    monkeypatch.setattr(data_mod, "_write_shard", lambda *a: (_ for _ in ()).throw(RuntimeError("killed")))
+    with pytest.raises(RuntimeError):
+        prepare(_args(root, tmp_path / "d", tok_dir))
+    monkeypatch.undo()
+    meta = prepare(PrepareArgs(input=str(root), out=str(tmp_path / "d"), tokenizer=tok_dir, val_fraction=0.5,
+                               docs_per_shard=5, progress=False))
+    assert meta["val_period"] == 2 and _tree_bytes(tmp_path / "d") == (
+        prepare(PrepareArgs(input=str(root), out=str(tmp_path / "e"), tokenizer=tok_dir, val_fraction=0.5,
+                            docs_per_shard=5, progress=False)) and _tree_bytes(tmp_path / "e"))
 
 
 def test_resume_with_other_settings_is_refused(corpus, tmp_path):
@@ -193,3 +211,124 @@ def test_validation_batches_are_fixed(corpus, tmp_path):
     assert len(a) == 3 and all(torch.equal(x, y) for x, y in zip(a, b))
     with pytest.raises(UserError, match="fewer than one window"):
         TokenShards(str(tmp_path / "d"), "val", window=10**6)
+
+
+# ---- bad input: one line, nothing written ---------------------------------------------------------
+
+def _nothing_written(out) -> bool:
+    return not os.path.exists(out) and not os.path.exists(data_mod.partial_dir(str(out)))
+
+
+def _jsonl(path, lines: list[bytes]):
+    path.write_bytes(b"".join(line + b"\n" for line in lines))
+    return path
+
+
+GOOD = [json.dumps({"text": d}).encode() for d in DOCS]
+
+
+def test_missing_input_is_one_line_and_writes_nothing(tmp_path, corpus, capsys):
+    from stepflash.cli import main
+
+    out = tmp_path / "out"
+    with pytest.raises(UserError, match="does not exist"):
+        prepare(_args(tmp_path / "missing", out, corpus[1]))
+    assert _nothing_written(out)
+    assert main(["data", "prepare", str(tmp_path / "missing"), "--out", str(out), "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"stepflash data prepare: error: input {tmp_path / 'missing'} does not exist"]
+    assert _nothing_written(out)
+
+
+def test_undecodable_bytes_name_file_line_and_byte(tmp_path, corpus, capsys):
+    # line 1 is 15 bytes; on line 2 the byte 0xE9 (latin-1 e-acute) follows 13 bytes: file offset 28
+    path = _jsonl(tmp_path / "latin1.jsonl", [b'{"text": "ok"}', b'{"text": "caf\xe9"}', *GOOD])
+    assert len(b'{"text": "ok"}\n') == 15
+    out = tmp_path / "out"
+    with pytest.raises(UserError, match=r"latin1.jsonl line 2, byte 28: not valid UTF-8 .*--skip-bad-records"):
+        prepare(_args(path, out, corpus[1]))
+    assert _nothing_written(out)
+    meta = prepare(_args(path, out, corpus[1], skip_bad_records=True))
+    assert meta["skipped_records"] == 1 and meta["num_docs"] == len(DOCS) + 1
+    assert "line 2, byte 28" in meta["first_skipped_record"]
+    assert "skipping 1 bad records (the first: " in capsys.readouterr().err  # said before the long part starts
+
+    text_dir = tmp_path / "texts"
+    text_dir.mkdir()
+    (text_dir / "a.txt").write_text("fine\n")
+    (text_dir / "b.txt").write_bytes(b"first line\nsecond \xff line\n")
+    with pytest.raises(UserError, match=r"b.txt line 2, byte 18: not valid UTF-8"):
+        prepare(_args(text_dir, tmp_path / "t", corpus[1]))
+    assert _nothing_written(tmp_path / "t")
+
+
+@pytest.mark.parametrize("record, why", [
+    (b'{"text": null}', "field 'text' is null, not a string"),
+    (b"12345", "is a JSON int, not an object"),
+    (b'{"a": 1}', "has no field 'text'"),
+    (b'{"text": ["x"]}', "field 'text' is list, not a string"),
+    (b'{"text": "unterminated', "is not valid JSON"),
+])
+def test_records_without_a_string_text_are_refused_or_counted(tmp_path, corpus, record, why):
+    path = _jsonl(tmp_path / "docs.jsonl", [*GOOD[:5], record, *GOOD[5:]])
+    with pytest.raises(UserError, match=rf"docs.jsonl line 6.*{why}"):
+        prepare(_args(path, tmp_path / "out", corpus[1]))
+    assert _nothing_written(tmp_path / "out")
+    meta = prepare(_args(path, tmp_path / "out", corpus[1], skip_bad_records=True))
+    assert meta["skipped_records"] == 1 and meta["num_docs"] == len(DOCS)
+    # Negative control: the same documents without the bad record give the same shards.
+    clean = _jsonl(tmp_path / "clean.jsonl", GOOD)
+    assert prepare(_args(clean, tmp_path / "clean", corpus[1]))["train_tokens"] == meta["train_tokens"]
+
+
+def test_garbage_and_mistyped_parquet_are_one_line(tmp_path, corpus):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    garbage = tmp_path / "garbage.parquet"
+    garbage.write_bytes(b"this is not parquet at all\n" * 10)
+    with pytest.raises(UserError, match="garbage.parquet is not a readable Parquet file") as e:
+        prepare(_args(garbage, tmp_path / "out", corpus[1]))
+    assert "\n" not in str(e.value) and _nothing_written(tmp_path / "out")
+
+    numbers = tmp_path / "numbers.parquet"
+    pq.write_table(pa.table({"text": list(range(5))}), numbers)
+    with pytest.raises(UserError, match="column 'text' holds int64, not strings"):
+        prepare(_args(numbers, tmp_path / "out", corpus[1]))
+
+    nulls = tmp_path / "nulls.parquet"
+    pq.write_table(pa.table({"text": DOCS[:3] + [None] + DOCS[3:]}), nulls)
+    with pytest.raises(UserError, match="nulls.parquet row 3: 'text' is null"):
+        prepare(_args(nulls, tmp_path / "out", corpus[1]))
+    assert prepare(_args(nulls, tmp_path / "out", corpus[1], skip_bad_records=True))["num_docs"] == len(DOCS)
+
+
+def test_small_inputs_get_a_validation_split_that_works(tmp_path, corpus, capsys):
+    from stepflash.cli import main
+
+    src = tmp_path / "three"
+    src.mkdir()
+    for i in range(3):
+        (src / f"{i}.txt").write_text(DOCS[i])
+    out = tmp_path / "out"
+    assert main(["data", "prepare", str(src), "--out", str(out), "--tokenizer", corpus[1], "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    assert "validation split: 1 document in 3 (1 of 3); --val-fraction 0.01 would hold out none of 3" in printed
+    meta = json.loads((out / "meta.json").read_text())
+    assert meta["val_period"] == 3 and meta["val_tokens"] > 0 and meta["train_tokens"] > meta["val_tokens"]
+    assert data_mod.val_period(1000, 0.01) == 100 and data_mod.val_period(99, 0.01) == 99
+    with pytest.raises(UserError, match="holds 1 document; a validation split needs at least 2"):
+        data_mod.val_period(1, 0.01)
+
+
+def test_out_that_is_not_a_data_directory_is_refused(tmp_path, corpus):
+    root, tok_dir = corpus
+    busy = tmp_path / "busy"
+    busy.mkdir()
+    (busy / "notes.txt").write_text("mine")
+    with pytest.raises(UserError, match="exists and is not a prepared data directory"):
+        prepare(_args(root, busy, tok_dir))
+    assert (busy / "notes.txt").read_text() == "mine" and os.listdir(busy) == ["notes.txt"]
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert prepare(_args(root, empty, tok_dir))["num_docs"] == len(DOCS)

@@ -205,10 +205,10 @@ def test_lr_schedule():
 
 
 def test_default_corpus_is_prepared_once_and_cached(tmp_path, monkeypatch):
-    import stepflash.training.data as data_mod
+    import stepflash.training.documents as documents
 
-    few = sorted(data_mod.builtin_corpus_files(), key=os.path.getsize)[:300]  # val holds 1 doc in 100
-    monkeypatch.setattr(data_mod, "builtin_corpus_files", lambda: few)
+    few = sorted(documents.builtin_corpus_files(), key=os.path.getsize)[:300]  # val holds 1 doc in 100
+    monkeypatch.setattr(documents, "builtin_corpus_files", lambda: few)
     monkeypatch.setenv("STEPFLASH_CACHE", str(tmp_path / "cache"))
     h = train(_args(None, tmp_path / "run", steps=2))
     cached = tmp_path / "cache" / "data"
@@ -253,17 +253,20 @@ def test_cli_train_and_errors(data_dir, tmp_path, capsys):
 
 @pytest.mark.slow
 def test_demo_runs_end_to_end_on_the_tiny_preset(tmp_path, monkeypatch, capsys):
-    import stepflash.training.data as data_mod
+    import stepflash.training.documents as documents
     from stepflash.demo import DemoArgs, demo
 
-    few = sorted(data_mod.builtin_corpus_files(), key=os.path.getsize)[:300]
-    monkeypatch.setattr(data_mod, "builtin_corpus_files", lambda: few)
+    few = sorted(documents.builtin_corpus_files(), key=os.path.getsize)[:300]
+    monkeypatch.setattr(documents, "builtin_corpus_files", lambda: few)
     monkeypatch.setenv("STEPFLASH_CACHE", str(tmp_path / "cache"))
     out = demo(DemoArgs(minutes=1.3, out=str(tmp_path / "run"), preset="tiny", batch_size=4, seq_len=32,
                         max_new_tokens=8))
     assert out["after"]["val_loss"] < out["before"]["val_loss"]
     printed = capsys.readouterr().out
-    assert "speculative == plain decoding: True" in printed and "accepted drafts per step" in printed
+    assert "gives the same tokens as plain decoding: True" in printed and "decoding speed: plain" in printed
+    assert "accepted drafts per step" in printed and "s/step (median, validations excluded) against the" in printed
+    val_steps = [r["step"] for r in map(json.loads, open(tmp_path / "run" / "metrics.jsonl")) if "val_loss" in r]
+    assert len(val_steps) >= 3 and val_steps[-1] == out["steps"]  # a validation curve, not one point
 
 
 def test_init_from_loads_the_checkpoint_weights(data_dir, tmp_path):

@@ -17,7 +17,10 @@ import json
 import os
 import sys
 import time
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
+
+from tqdm import tqdm
 
 from stepflash.errors import UserError
 from stepflash.evaluation.code_eval import code_messages, score_code
@@ -81,15 +84,37 @@ def _make_policy(args: EvalArgs):
                             device=args.device, dtype=args.dtype, chat_template=args.chat_template)
 
 
+def _progress(policy, total: int, desc: str, leave: bool = True):
+    """A bar over the sequences the policy's engine finishes (none for policies without one)."""
+    from stepflash.inference.progress import generation_progress
+
+    engine = getattr(policy, "engine", None)
+    return generation_progress(engine, total, desc, leave=leave) if engine is not None else nullcontext()
+
+
 def _text_completions(args: EvalArgs, items: list[dict], policy) -> list[list[str]]:
     """K completions per math/code item, generated in one batch."""
     k = args.samples
     prompts = [policy.encode(MESSAGES[args.task](item)) for item in items]
-    replies = policy.complete([p for p in prompts for _ in range(k)])
+    with _progress(policy, len(prompts) * k, f"eval {args.task}: generating"):
+        replies = policy.complete([p for p in prompts for _ in range(k)])
     for i, r in enumerate(replies):
         if r is None:
             raise UserError(f"item on line {items[i // k]['_line']} does not fit the model's context")
     return [replies[i * k:(i + 1) * k] for i in range(len(items))]
+
+
+def _respond_with_progress(policy):
+    """The tool-episode policy, with a bar per turn over the episodes still running."""
+    turn = 0
+
+    def respond(active):
+        nonlocal turn
+        turn += 1
+        with _progress(policy, len(active), f"eval tool: turn {turn}", leave=False):
+            return policy.respond(active)
+
+    return respond
 
 
 def evaluate(args: EvalArgs, policy=None) -> tuple[list[dict], list[list[Verdict]], dict]:
@@ -108,14 +133,16 @@ def evaluate(args: EvalArgs, policy=None) -> tuple[list[dict], list[list[Verdict
         k = len(scripted[0]) if scripted else args.samples
         episodes = [start_episode(item, scripted[i][j] if scripted else None)
                     for i, item in enumerate(items) for j in range(k)]
-        run_episodes(episodes, replay if scripted else policy.respond, args.max_turns)
+        run_episodes(episodes, replay if scripted else _respond_with_progress(policy), args.max_turns)
         t_gen = time.perf_counter()
         flat = [(ep.replies, score_episode(ep)) for ep in episodes]
     else:
         completions = scripted if scripted else _text_completions(args, items, policy)
         k = len(completions[0])
         t_gen = time.perf_counter()
-        flat = [(c, SCORERS[args.task](item, c)) for item, cs in zip(items, completions) for c in cs]
+        pairs = [(item, c) for item, cs in zip(items, completions) for c in cs]
+        flat = [(c, SCORERS[args.task](item, c))
+                for item, c in tqdm(pairs, desc=f"eval {args.task}: scoring", unit="sample", disable=None)]
     t_score = time.perf_counter()
     for (completion, verdict) in flat:
         verdict.details["completion"] = completion

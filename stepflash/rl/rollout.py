@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 import torch
 
 from stepflash.inference.engine import Engine
+from stepflash.inference.progress import generation_progress
 
 RewardFn = Callable[[object, str, list[int]], float]  # (task, completion text, token ids) -> reward
 
@@ -142,7 +143,8 @@ def collect_rollouts(worker: RolloutWorker, tok, tasks: list, prompts: list[list
     """k samples of every prompt (sample j of prompt i is row i * k + j), scored by reward_fn."""
     k = samples_per_prompt
     flat = [p for p in prompts for _ in range(k)]
-    results = worker.generate(flat, max_new_tokens, temperature, seed, stop_ids)
+    with generation_progress(worker.engine, len(flat), "rollouts", leave=False):  # erased when the step's line prints
+        results = worker.generate(flat, max_new_tokens, temperature, seed, stop_ids)
     stop = set(stop_ids) | set(worker.model.config.eos_token_ids)
     responses = [r.token_ids for r in results]
     texts = [completion_text(tok, r, stop) for r in responses]

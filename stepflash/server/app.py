@@ -189,8 +189,10 @@ def run(args: ServeArgs) -> int:
     from stepflash.inference.engine import Engine
     from stepflash.tokenizer import load_tokenizer
 
-    if not os.path.isdir(args.checkpoint):
-        raise UserError(f"checkpoint directory {args.checkpoint!r} does not exist")
+    if not os.path.isfile(os.path.join(args.checkpoint, "config.json")):
+        what = "does not exist" if not os.path.exists(args.checkpoint) else (
+            "is a file" if not os.path.isdir(args.checkpoint) else "has no config.json")
+        raise UserError(f"no checkpoint at {args.checkpoint!r}: it {what} (expected a directory with config.json)")
     for name, low in (("mtp", 0), ("max_batch", 1), ("max_queue", 0), ("port", 0), ("max_body_mb", 0.001),
                       ("max_prompt_tokens", 1)):
         if getattr(args, name) is not None and getattr(args, name) < low:

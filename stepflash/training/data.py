@@ -1,21 +1,27 @@
 """Pre-training data: text -> memory-mapped token shards, and deterministic batches from them.
 
-`stepflash data prepare [INPUT] --out DIR` reads documents from a directory of text files, a `.jsonl`
-file (one JSON object per line, text under `--field-name`) or a `.parquet` file (column `--field-name`);
-with no input it uses the running interpreter's standard library (*.py under
-`sysconfig.get_paths()["stdlib"]`, site-packages excluded, sorted), which needs no download.
+`stepflash data prepare [INPUT] --out DIR` reads the documents of a directory of text files, a `.jsonl`
+or a `.parquet` file, or by default the running interpreter's standard library (`documents.py`).
+
+It first reads the whole input once and writes nothing until the input is known to be good: a bad
+record (not UTF-8, not JSON, no string text field) stops it with one line naming the file, line and
+byte offset, unless `--skip-bad-records` counts and skips such records. The document count found then
+sets the validation split (below) and the progress bar's length. Everything is written into
+`.DIR.partial` beside DIR, which is renamed to DIR when complete: a failed run leaves no DIR. An
+interrupted run (Ctrl-C, a crash) leaves the partial directory, and the same command resumes it by
+skipping shards whose marker exists (other settings discard it); the output is byte-identical.
 
 Layout of DIR:
   tokenizer.json, tokenizer_config.json   the tokenizer used (given, or trained on the input)
-  prepare.json                            the settings; a resumed run must match them
+  prepare.json                            the settings; running again with other settings is refused
   shards/{train,val}-00007.bin            raw token ids (uint16 when the vocab fits, else uint32)
   shards/shard-00007.json                 written last for a shard: its token counts (= "done")
   meta.json                               the summary a trainer reads (written when every shard is done)
 
 Shard k holds documents k*D .. (k+1)*D-1 (D = --docs-per-shard) in input order, each followed by the
-EOS token. Document i goes to validation when i % P == P - 1 (P = round(1 / val_fraction)), so the split
-does not depend on sharding. Every file is written under a temporary name and renamed: an interrupted
-run resumes by skipping shards whose marker exists, and produces byte-identical output.
+EOS token. Document i goes to validation when i % P == P - 1, so the split does not depend on sharding;
+P = round(1 / val_fraction), or the document count when that is smaller, so that a small input still
+holds out one document (`val_period`).
 """
 
 from __future__ import annotations
@@ -23,9 +29,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import sys
-import sysconfig
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -33,93 +38,9 @@ import torch
 from tqdm import tqdm
 
 from stepflash.errors import UserError
+from stepflash.training.documents import BUILTIN, BadRecords, builtin_corpus_files, iter_documents  # noqa: F401
 
 FORMAT_VERSION = 1
-BUILTIN = "python-stdlib"
-
-
-# ---- reading documents -------------------------------------------------------------------------
-
-def builtin_corpus_files() -> list[str]:
-    """The standard library's *.py files, sorted by path relative to the stdlib root."""
-    root = sysconfig.get_paths()["stdlib"]
-    out = []
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = sorted(d for d in dirnames if d not in ("site-packages", "dist-packages", "__pycache__"))
-        out += [os.path.join(dirpath, f) for f in filenames if f.endswith(".py")]
-    return sorted(out, key=lambda p: os.path.relpath(p, root))
-
-
-def _is_binary(path: str) -> bool:
-    with open(path, "rb") as f:
-        return b"\0" in f.read(8192)
-
-
-def _read_text(path: str) -> str:
-    with open(path, encoding="utf-8", errors="replace") as f:
-        return f.read()
-
-
-def _jsonl_docs(path: str, field_name: str) -> Iterator[tuple[str, str]]:
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise UserError(f"{path} line {n + 1} is not valid JSON: {e}")
-            if not isinstance(obj, dict) or field_name not in obj:
-                raise UserError(f"{path} line {n + 1} has no field {field_name!r} (choose one with --field-name)")
-            yield f"{path}:{n}", str(obj[field_name])
-
-
-def _parquet_docs(path: str, field_name: str) -> Iterator[tuple[str, str]]:
-    import pyarrow.parquet as pq
-
-    pf = pq.ParquetFile(path)
-    if field_name not in pf.schema_arrow.names:
-        raise UserError(f"{path} has no column {field_name!r} (columns: {', '.join(pf.schema_arrow.names)})")
-    n = 0
-    for batch in pf.iter_batches(columns=[field_name], batch_size=1024):
-        for text in batch.column(0).to_pylist():
-            if text is not None:
-                yield f"{path}:{n}", str(text)
-            n += 1
-
-
-def _file_docs(path: str, field_name: str) -> Iterator[tuple[str, str]]:
-    if path.endswith(".jsonl"):
-        yield from _jsonl_docs(path, field_name)
-    elif path.endswith(".parquet"):
-        yield from _parquet_docs(path, field_name)
-    elif not _is_binary(path):
-        yield path, _read_text(path)
-
-
-def iter_documents(source: str | None, field_name: str = "text", max_docs: int = 0) -> Iterator[tuple[str, str]]:
-    """(key, text) of every document of `source` in a fixed order; None means the built-in corpus."""
-    if source is None or source == BUILTIN:
-        files = builtin_corpus_files()
-    elif os.path.isdir(source):
-        files = []
-        for dirpath, dirnames, filenames in os.walk(source):
-            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-            files += [os.path.join(dirpath, f) for f in filenames if not f.startswith(".")]
-        files.sort(key=lambda p: os.path.relpath(p, source))
-    elif os.path.isfile(source):
-        files = [source]
-    else:
-        raise UserError(f"input {source} is neither a directory nor a file")
-    n = 0
-    for path in files:
-        for key, text in _file_docs(path, field_name):
-            if not text:
-                continue
-            yield key, text
-            n += 1
-            if max_docs and n >= max_docs:
-                return
 
 
 # ---- preparing shards --------------------------------------------------------------------------
@@ -135,10 +56,14 @@ class PrepareArgs:
         "help": "tokenizer.json or checkpoint dir to use; default: train one on the input (--vocab-size)"})
     vocab_size: int = field(default=8192, metadata={"help": "vocab size of a tokenizer trained on the input"})
     field_name: str = field(default="text", metadata={"help": "JSON field / parquet column holding the text"})
-    val_fraction: float = field(default=0.01, metadata={"help": "fraction of documents held out for validation"})
+    val_fraction: float = field(default=0.01, metadata={
+        "help": "fraction of documents held out for validation (at least one document is)"})
     docs_per_shard: int = field(default=256, metadata={"help": "documents per shard (the unit of resumption)"})
     max_docs: int = field(default=0, metadata={"help": "use only the first N documents (0: all)"})
-    progress: bool = field(default=True, metadata={"help": "show a progress bar"})
+    skip_bad_records: bool = field(default=False, metadata={
+        "help": "skip records that are not UTF-8, not JSON or have no string text field, and count them "
+                "(default: stop at the first with one line saying where it is)"})
+    progress: bool = field(default=True, metadata={"help": "show progress bars"})
 
 
 def _dtype_for(vocab_size: int) -> np.dtype:
@@ -155,84 +80,175 @@ def _write_json(path: str, obj) -> None:
     _write_atomic(path, (json.dumps(obj, indent=2) + "\n").encode())
 
 
+def _read_json(path: str):
+    with open(path) as f:
+        return json.load(f)
+
+
 def _file_sha(path: str) -> str:
     with open(path, "rb") as f:
         return hashlib.sha256(f.read()).hexdigest()
 
 
-def _ensure_tokenizer(args: PrepareArgs):
-    """The tokenizer for this data dir: the given one, one already there (resume), or a new one."""
-    from stepflash.tokenizer import TOKENIZER_FILE, load_tokenizer, save_tokenizer, train_tokenizer
-
-    here = os.path.join(args.out, TOKENIZER_FILE)
-    if args.tokenizer is not None:
-        save_tokenizer(args.tokenizer, args.out)
-    elif not os.path.isfile(here):
-        docs = (text for _, text in iter_documents(args.input, args.field_name, args.max_docs))
-        train_tokenizer(docs, args.vocab_size, args.out, show_progress=args.progress)
-    return load_tokenizer(here)
-
-
-def prepare(args: PrepareArgs) -> dict:
-    """Run (or resume) a prepare; returns the meta.json contents."""
-    from stepflash.tokenizer import EOS
+def _settings(args: PrepareArgs) -> dict:
+    """What decides the output, checked before anything is read: a run with other settings never mixes in."""
+    from stepflash.tokenizer import tokenizer_path
 
     if not 0 < args.val_fraction < 1:
         raise UserError(f"--val-fraction must be in (0, 1), got {args.val_fraction}")
     if args.docs_per_shard <= 0:
         raise UserError(f"--docs-per-shard must be positive, got {args.docs_per_shard}")
-    os.makedirs(os.path.join(args.out, "shards"), exist_ok=True)
-    tok = _ensure_tokenizer(args)
+    if args.max_docs < 0:
+        raise UserError(f"--max-docs must be >= 0, got {args.max_docs}")
+    given = None
+    if args.tokenizer is not None:
+        path = tokenizer_path(args.tokenizer)
+        if not os.path.isfile(path):
+            raise UserError(f"--tokenizer: no tokenizer.json at {path}")
+        given = _file_sha(path)
+    return {"version": FORMAT_VERSION, "source": args.input or BUILTIN, "field_name": args.field_name,
+            "val_fraction": args.val_fraction, "docs_per_shard": args.docs_per_shard, "max_docs": args.max_docs,
+            "skip_bad_records": args.skip_bad_records, "given_tokenizer_sha256": given,
+            "vocab_size": None if given else args.vocab_size}
+
+
+def _matches(recipe: dict, settings: dict) -> bool:
+    return {k: recipe.get(k) for k in settings} == settings
+
+
+def _finished(out: str, settings: dict) -> dict | None:
+    """meta.json of a finished prepare of `out` with these settings; None when `out` is free to write to."""
+    if not os.path.exists(out):
+        return None
+    if not os.path.isdir(out):
+        raise UserError(f"--out {out} is a file, not a directory")
+    if not os.listdir(out):
+        return None
+    recipe_path, meta_path = os.path.join(out, "prepare.json"), os.path.join(out, "meta.json")
+    if not (os.path.isfile(recipe_path) and os.path.isfile(meta_path)):
+        raise UserError(f"--out {out} exists and is not a prepared data directory; choose a new --out")
+    if not _matches(_read_json(recipe_path), settings):
+        raise UserError(f"{out} holds data prepared with other settings ({recipe_path}); use a new --out")
+    return _read_json(meta_path)
+
+
+def val_period(num_docs: int, val_fraction: float) -> int:
+    """Document i is held out when i % period == period - 1: about `val_fraction` of them, at least one."""
+    if num_docs < 2:
+        raise UserError(f"the input holds {num_docs} document{'' if num_docs == 1 else 's'}; a validation split "
+                        "needs at least 2 (split the text into several files or records)")
+    return min(max(2, round(1 / val_fraction)), num_docs)
+
+
+def _count_documents(args: PrepareArgs, bad: BadRecords) -> int:
+    """Read the whole input once, writing nothing: bad records stop here (or are counted)."""
+    n = 0
+    with tqdm(desc="checking input", unit="doc", disable=not args.progress) as bar:
+        for _ in iter_documents(args.input, args.field_name, args.max_docs, bad):
+            n += 1
+            bar.update()
+    if n == 0:
+        raise UserError(f"no documents found in {args.input or BUILTIN}")
+    return n
+
+
+def partial_dir(out: str) -> str:
+    """Where a prepare of `out` is written until it is complete."""
+    out = os.path.abspath(out)
+    return os.path.join(os.path.dirname(out), f".{os.path.basename(out)}.partial")
+
+
+def prepare(args: PrepareArgs) -> dict:
+    """Run (or resume) a prepare; returns the meta.json contents (with `val_period` and `skipped_records`)."""
+    from stepflash.checkpoint.run import replace_dir
+
+    settings = _settings(args)
+    done = _finished(args.out, settings)
+    if done is not None:
+        print(f"{args.out} already holds this data prepared with these settings", file=sys.stderr)
+        return done
+    bad = BadRecords(skip=args.skip_bad_records or args.input in (None, BUILTIN))
+    num_docs = _count_documents(args, bad)
+    if bad.count and args.input not in (None, BUILTIN):
+        print(f"skipping {bad.count} bad records (the first: {bad.first})", file=sys.stderr)
+    period = val_period(num_docs, args.val_fraction)
+    work = partial_dir(args.out)
+    try:
+        meta = _prepare_into(work, args, {**settings, "val_period": period}, num_docs)
+    except UserError:
+        shutil.rmtree(work, ignore_errors=True)  # the input must change: nothing worth resuming
+        raise
+    meta.update(skipped_records=bad.count, first_skipped_record=bad.first)
+    _write_json(os.path.join(work, "meta.json"), meta)
+    replace_dir(work, os.path.abspath(args.out))  # `out` is absent or empty here
+    return meta
+
+
+def _open_partial(work: str, recipe: dict) -> None:
+    """Resume an unfinished prepare with the same settings in `work`, or start it afresh."""
+    path = os.path.join(work, "prepare.json")
+    if os.path.isdir(work):
+        if os.path.isfile(path) and _matches(_read_json(path), recipe):
+            print(f"resuming the unfinished prepare in {work}", file=sys.stderr)
+        else:
+            print(f"discarding an unfinished prepare with other settings in {work}", file=sys.stderr)
+            shutil.rmtree(work)
+    os.makedirs(os.path.join(work, "shards"), exist_ok=True)
+
+
+def _ensure_tokenizer(args: PrepareArgs, work: str):
+    """The given tokenizer, the one an unfinished run trained, or one trained now on the input."""
+    from stepflash.tokenizer import TOKENIZER_FILE, load_tokenizer, save_tokenizer, train_tokenizer
+
+    here = os.path.join(work, TOKENIZER_FILE)
+    if args.tokenizer is not None:
+        save_tokenizer(args.tokenizer, work)
+    elif not os.path.isfile(here):
+        docs = (text for _, text in iter_documents(args.input, args.field_name, args.max_docs, BadRecords(True)))
+        train_tokenizer(docs, args.vocab_size, work, show_progress=args.progress)
+    return load_tokenizer(here)
+
+
+def _prepare_into(work: str, args: PrepareArgs, recipe: dict, num_docs: int) -> dict:
+    from stepflash.tokenizer import EOS
+
+    _open_partial(work, recipe)
+    tok = _ensure_tokenizer(args, work)
     eos_id = tok.token_to_id(EOS)
     if eos_id is None:
         raise UserError(f"the tokenizer has no {EOS} token to separate documents")
     vocab_size = tok.get_vocab_size()
     dtype = _dtype_for(vocab_size)
-    period = max(2, round(1 / args.val_fraction))
-    recipe = {"version": FORMAT_VERSION, "source": args.input or BUILTIN, "field_name": args.field_name,
-              "val_period": period, "docs_per_shard": args.docs_per_shard, "max_docs": args.max_docs,
-              "tokenizer_sha256": _file_sha(os.path.join(args.out, "tokenizer.json"))}
-    recipe_path = os.path.join(args.out, "prepare.json")
-    if os.path.isfile(recipe_path):
-        with open(recipe_path) as f:
-            old = json.load(f)
-        if old != recipe:
-            raise UserError(f"{args.out} holds data prepared with other settings ({recipe_path}); use a new --out")
-    else:
-        _write_json(recipe_path, recipe)
+    _write_json(os.path.join(work, "prepare.json"),
+                {**recipe, "tokenizer_sha256": _file_sha(os.path.join(work, "tokenizer.json"))})
 
-    shards: list[dict] = []
-    pending: list[tuple[int, str]] = []
-    bar = tqdm(desc="tokenizing", unit="doc", disable=not args.progress)
+    period, shards, pending = recipe["val_period"], [], []
+    bar = tqdm(total=num_docs, desc="tokenizing", unit="doc", disable=not args.progress)
 
     def flush(k: int):
-        marker = os.path.join(args.out, "shards", f"shard-{k:05d}.json")
-        if os.path.isfile(marker):  # done by an earlier run
-            with open(marker) as f:
-                shards.append(json.load(f))
+        marker = os.path.join(work, "shards", f"shard-{k:05d}.json")
+        if os.path.isfile(marker):  # done by an earlier, interrupted run
+            shards.append(_read_json(marker))
         else:
-            shards.append(_write_shard(args.out, k, pending, tok, eos_id, dtype, period))
+            shards.append(_write_shard(work, k, pending, tok, eos_id, dtype, period))
         bar.update(len(pending))
         pending.clear()
 
-    for i, (_, text) in enumerate(iter_documents(args.input, args.field_name, args.max_docs)):
+    docs = iter_documents(args.input, args.field_name, args.max_docs, BadRecords(skip=True))  # checked already
+    for i, (_, text) in enumerate(docs):
         pending.append((i, text))
         if len(pending) == args.docs_per_shard:
             flush(i // args.docs_per_shard)
     if pending:
         flush(pending[0][0] // args.docs_per_shard)
     bar.close()
-    if not shards:
-        raise UserError(f"no documents found in {args.input or BUILTIN}")
-    meta = {"version": FORMAT_VERSION, "dtype": dtype.name, "vocab_size": vocab_size, "eos_token": EOS,
-            "eos_id": eos_id, "source": recipe["source"], "num_docs": sum(s["docs"] for s in shards),
+    found = sum(s["docs"] for s in shards)
+    if found != num_docs:
+        raise UserError(f"the input changed while it was being prepared ({num_docs} documents, then {found})")
+    return {"version": FORMAT_VERSION, "dtype": dtype.name, "vocab_size": vocab_size, "eos_token": EOS,
+            "eos_id": eos_id, "source": recipe["source"], "num_docs": found, "val_period": period,
             "train_tokens": sum(s["train_tokens"] for s in shards),
             "val_tokens": sum(s["val_tokens"] for s in shards), "shards": shards}
-    if meta["val_tokens"] == 0:
-        raise UserError(f"the validation split is empty ({meta['num_docs']} documents, one in {period} held out); "
-                        "raise --val-fraction or add documents")
-    _write_json(os.path.join(args.out, "meta.json"), meta)
-    return meta
 
 
 def _write_shard(out: str, k: int, docs: list[tuple[int, str]], tok, eos_id: int, dtype, period: int) -> dict:
@@ -252,8 +268,19 @@ def _write_shard(out: str, k: int, docs: list[tuple[int, str]], tok, eos_id: int
 
 
 def run(args: PrepareArgs) -> int:
-    meta = prepare(args)
-    print(f"{meta['num_docs']} documents -> {meta['train_tokens']:,} train / {meta['val_tokens']:,} val tokens "
+    try:
+        meta = prepare(args)
+    except KeyboardInterrupt:
+        if os.path.isdir(partial_dir(args.out)):
+            print(f"the unfinished output in {partial_dir(args.out)} resumes when the same command runs again",
+                  file=sys.stderr)
+        raise
+    period, n = meta.get("val_period"), meta["num_docs"]
+    if period is not None:
+        wanted = max(2, round(1 / args.val_fraction))
+        why = f"; --val-fraction {args.val_fraction} would hold out none of {n}" if period < wanted else ""
+        print(f"validation split: 1 document in {period} ({n // period} of {n}){why}")
+    print(f"{n} documents -> {meta['train_tokens']:,} train / {meta['val_tokens']:,} val tokens "
           f"({meta['dtype']}, vocab {meta['vocab_size']}) in {args.out}")
     return 0
 
