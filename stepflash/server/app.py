@@ -189,10 +189,6 @@ def run(args: ServeArgs) -> int:
     from stepflash.inference.engine import Engine
     from stepflash.tokenizer import load_tokenizer
 
-    if not os.path.isfile(os.path.join(args.checkpoint, "config.json")):
-        what = "does not exist" if not os.path.exists(args.checkpoint) else (
-            "is a file" if not os.path.isdir(args.checkpoint) else "has no config.json")
-        raise UserError(f"no checkpoint at {args.checkpoint!r}: it {what} (expected a directory with config.json)")
     for name, low in (("mtp", 0), ("max_batch", 1), ("max_queue", 0), ("port", 0), ("max_body_mb", 0.001),
                       ("max_prompt_tokens", 1)):
         if getattr(args, name) is not None and getattr(args, name) < low:
@@ -200,6 +196,11 @@ def run(args: ServeArgs) -> int:
     api_key = args.api_key if args.api_key is not None else os.environ.get("STEPFLASH_API_KEY")
     if api_key is not None and not api_key.strip():
         raise UserError("--api-key (or $STEPFLASH_API_KEY) is empty; give a key, or set neither to serve without one")
+    # flags first (cheap, and each says what is wrong with it), then the checkpoint on disk
+    if not os.path.isfile(os.path.join(args.checkpoint, "config.json")):
+        what = "does not exist" if not os.path.exists(args.checkpoint) else (
+            "is a file" if not os.path.isdir(args.checkpoint) else "has no config.json")
+        raise UserError(f"no checkpoint at {args.checkpoint!r}: it {what} (expected a directory with config.json)")
     dtypes = {None: None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
     if args.dtype not in dtypes:
         raise UserError(f"--dtype must be one of float32, bfloat16, float16, not {args.dtype!r}")
