@@ -163,7 +163,7 @@ def test_prompts_must_split_evenly(ckpt, tmp_path):
 if __name__ == "__main__":  # one rank of `python -m torch.distributed.run ... THIS_FILE JOBS_JSON`
     import torch.distributed as dist
 
-    from stepflash.distributed.mesh import init_distributed
+    from stepflash.distributed import init_distributed
 
     init_distributed("gloo")  # one group for all jobs: train_rl's session uses it and leaves it running
     for job in json.loads(sys.argv[1]):

@@ -12,7 +12,8 @@ from stepflash.model import Step35ForCausalLM
 from stepflash.checkpoint import run as checkpointing
 from stepflash.training.loop import TrainArgs, TrainingDiverged, train
 from stepflash.training.objective import compute_loss, mtp_targets
-from stepflash.training.optimizer import Muon, lr_factor, orthogonalize
+from stepflash.training.muon import Muon, orthogonalize
+from stepflash.training.schedule import lr_factor
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")

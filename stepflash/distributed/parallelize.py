@@ -10,6 +10,12 @@
    compute: FSDP only shards its storage);
 3. the root (embedding, final norm, lm_head) is the last unit.
 
+With `param_dtype=bfloat16` (`train --precision bf16`) the gathered weights and the saved activations are
+bf16 while the sharded master weights, the optimizer state and the gradient reduction stay fp32; the
+norms and the router keep fp32 weights too (their own FSDP unit per layer), as the release computes them.
+`activation_checkpointing` recomputes each decoder layer in backward (`full`) or all of it but the
+matmul outputs (`selective`).
+
 Parameters become DTensors with their global shapes, so `model.state_dict()` names and shapes are the
 release's. Every rank then trains on its own slice of the batch (`mesh.data_shard`); gradients are
 averaged over the dp * ep ranks by FSDP's reduce-scatter. The loss-free router bias is a replicated
@@ -18,6 +24,8 @@ buffer: update it from `global_expert_counts(model)` so all ranks take the same 
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -25,36 +33,73 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 from torch.distributed.tensor import DTensor
-from torch.utils.checkpoint import checkpoint
+from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
 from stepflash.distributed.expert_parallel import ExpertParallelMoE, apply_expert_parallel
 from stepflash.distributed.mesh import DP, EP, flat_mesh
 from stepflash.errors import UserError
 from stepflash.model import Step35ForCausalLM
+from stepflash.model.norm import RMSNorm
 
 
 ROOT_METHODS = ("trunk", "head", "mtp")
+CHECKPOINTING = ("none", "selective", "full")
+
+# Selective activation checkpointing keeps what is expensive to recompute (the outputs of matmuls and
+# attention) and recomputes the rest of a layer (norm arithmetic, activations, gates, rotary, routing
+# arithmetic) in backward: most of the memory of full checkpointing's saving at a fraction of its compute.
+_SAVED_OPS = {torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default,
+              torch.ops.aten._scaled_dot_product_flash_attention.default,
+              torch.ops.aten._scaled_dot_product_efficient_attention.default,
+              torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default}
+if hasattr(torch.ops.aten, "_grouped_mm"):
+    _SAVED_OPS.add(torch.ops.aten._grouped_mm.default)
 
 
-def _checkpoint_forward(layer: nn.Module) -> None:
+def _save_matmuls(ctx, op, *args, **kwargs) -> CheckpointPolicy:
+    return CheckpointPolicy.MUST_SAVE if op in _SAVED_OPS else CheckpointPolicy.PREFER_RECOMPUTE
+
+
+def _checkpoint_forward(layer: nn.Module, mode: str) -> None:
     """Recompute the layer's activations in backward instead of keeping them (non-reentrant autograd
-    checkpointing); the module tree and parameter names are unchanged."""
+    checkpointing; `selective`: all but the matmul outputs); the module tree and parameter names are
+    unchanged."""
     inner = layer.forward
+    options = {"context_fn": functools.partial(create_selective_checkpoint_contexts, _save_matmuls)} \
+        if mode == "selective" else {}
 
     def forward(*args, **kwargs):
-        return checkpoint(inner, *args, use_reentrant=False, **kwargs)
+        return checkpoint(inner, *args, use_reentrant=False, **options, **kwargs)
 
     layer.forward = forward
 
 
+def apply_activation_checkpointing(model: nn.Module, mode: str) -> None:
+    """`none`, `selective` or `full` checkpointing of every decoder layer (trunk and MTP), in place."""
+    if mode not in CHECKPOINTING:
+        raise UserError(f"--activation-checkpointing must be one of {', '.join(CHECKPOINTING)}, got {mode!r}")
+    if mode != "none":
+        for layer in model.model.layers:
+            _checkpoint_forward(layer, mode)
+
+
+def _fp32_modules(layer: nn.Module) -> list[nn.Module]:
+    """The modules of a decoder layer whose weights stay fp32 under bf16 mixed precision, as the release keeps
+    them: every RMSNorm and the MoE router."""
+    mods = [m for m in layer.modules() if isinstance(m, RMSNorm)]
+    moe = getattr(layer, "moe", None)
+    return mods + ([moe.gate] if moe is not None else [])
+
+
 def parallelize(model: nn.Module, mesh: DeviceMesh, ep: int | None = None, *,
                 param_dtype: torch.dtype | None = None, reduce_dtype: torch.dtype | None = None,
-                activation_checkpointing: bool = False, reshard_after_forward: bool = True) -> nn.Module:
+                activation_checkpointing: str = "none", reshard_after_forward: bool = True) -> nn.Module:
     """Apply expert parallelism and FSDP2 to `model` in place and return it.
 
     mesh: from `build_mesh(dp, ep)`; `ep`, when given, must match its "ep" size (a guard for callers
     that carry the flag separately). param_dtype: compute dtype of gathered parameters (e.g. bf16,
-    with fp32 sharded master weights); reduce_dtype: dtype of gradient reduction (fp32 recommended)."""
+    with fp32 sharded master weights; norms and the router are then gathered in fp32, each layer's as one
+    extra FSDP unit); reduce_dtype: dtype of gradient reduction (fp32 recommended)."""
     ep_size, dp_size = mesh[EP].size(), mesh[DP].size()
     if ep is not None and ep != ep_size:
         raise UserError(f"expert parallel size {ep} does not match the mesh's ep dimension {ep_size}")
@@ -63,8 +108,10 @@ def parallelize(model: nn.Module, mesh: DeviceMesh, ep: int | None = None, *,
         raise UserError(f"expert parallel size {ep_size} must divide the number of experts {num_experts}")
     world = flat_mesh(mesh)
     mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
+    full_precision = MixedPrecisionPolicy(reduce_dtype=reduce_dtype)
     if ep_size > 1:
         apply_expert_parallel(model, mesh[EP])
+    apply_activation_checkpointing(model, activation_checkpointing)
     for layer in model.model.layers:
         moe = getattr(layer, "moe", None)
         if isinstance(moe, ExpertParallelMoE):
@@ -76,9 +123,14 @@ def parallelize(model: nn.Module, mesh: DeviceMesh, ep: int | None = None, *,
                 # A custom factor becomes a pre-multiplied sum, which gloo lacks: sum, then divide.
                 # (Not with dp == 1: torch 2.13 then divides twice on that path.)
                 experts[0].set_force_sum_reduction_for_comms(True)
-        if activation_checkpointing:
-            _checkpoint_forward(layer)
+        if param_dtype is not None and param_dtype != torch.float32:
+            # One fp32 unit per layer. The router is read as `gate.weight`, never called as a module: FSDP
+            # gathers it with the first norm of the group and completes the group at the root's post-forward.
+            fully_shard(_fp32_modules(layer), mesh=world, mp_policy=full_precision,
+                        reshard_after_forward=reshard_after_forward)
         fully_shard(layer, mesh=world, mp_policy=mp, reshard_after_forward=reshard_after_forward)
+    if param_dtype is not None and param_dtype != torch.float32:
+        fully_shard(model.model.norm, mesh=world, mp_policy=full_precision)
     fully_shard(model, mesh=world, mp_policy=mp)
     # The training code calls these parts directly (trunk -> head, trunk -> MTP chain), not only
     # forward(); each must gather the root's parameters (embedding, final norm, heads) first.

@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import time
 
 import torch
 
@@ -174,6 +175,30 @@ class MetricsLog:
     def close(self) -> None:
         if self.tb is not None:
             self.tb.close()
+
+
+class StepLog:
+    """A progress line every `every` steps for the verbs that print rather than plot: `NAME step i/N k v ...
+    (Ts)`, each value the mean over the steps since the previous line, written with `log` (print by default,
+    nothing when disabled, e.g. on ranks other than 0). `history` keeps every step's values."""
+
+    def __init__(self, name: str, total: int, every: int, log=print, enabled: bool = True):
+        self.name, self.total, self.every, self.log, self.enabled = name, total, every, log, enabled
+        self.history: list[dict[str, float]] = []
+        self.t0 = time.time()
+
+    def add(self, step: int, values: dict[str, float]) -> None:
+        """Record step `step` (1-based); print when it is a multiple of `every`."""
+        self.history.append(values)
+        if self.enabled and self.every and step % self.every == 0:
+            means = self.mean(self.every)
+            self.log(f"{self.name} step {step}/{self.total} " + " ".join(f"{k} {v:.4f}" for k, v in means.items())
+                     + f" ({time.time() - self.t0:.0f}s)")
+
+    def mean(self, last: int) -> dict[str, float]:
+        """Mean of each value over the last `last` steps."""
+        recent = self.history[-last:]
+        return {k: sum(r.get(k, 0.0) for r in recent) / len(recent) for k in recent[-1]} if recent else {}
 
 
 def read_metrics(path: str) -> list[dict]:
