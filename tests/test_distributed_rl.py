@@ -8,7 +8,8 @@ and acceptance rates, losses, grad norms, value loss, explained variance, held-o
 sampled) and the saved policy and critic weights. The mispo run uses stale rollouts (acceptance < 1), a
 KL term, 7 actor mini-batches of a 16-sample batch (one of them a single row: a rank with no rows still
 takes the step) and resumes a checkpoint at 2 processes; grpo uses per-sequence normalisation. One short
-`torchrun -m stepflash rl --task arithmetic` run checks the CLI itself.
+`torchrun -m stepflash rl --task arithmetic` run checks the CLI itself. Under torchrun the updates run
+through torch's DDP (`Runtime.replicate`).
 """
 
 from __future__ import annotations
@@ -83,9 +84,10 @@ def assert_same_metrics(got: list[dict], want: list[dict]) -> None:
             assert g[k] == pytest.approx(w[k], rel=1e-4, abs=1e-5), (w["step"], k, g[k], w[k])
 
 
-def assert_same_weights(out_a, out_b) -> None:
-    """Policy weights of the latest checkpoints (and the critic, when there is one) up to AdamW's
-    amplification of last-bit gradient differences."""
+def assert_same_weights(out_a, out_b, max_lr: float = 1e-2, steps: int = 2) -> None:
+    """Policy weights of the latest checkpoints (and the critic, when there is one) equal but for isolated
+    elements: AdamW turns last-bit differences of a near-zero gradient into a step of up to ~lr, while a real
+    bug (a missing or doubled reduction, a wrong share) moves most elements."""
     from stepflash.checkpoint import load_model
     from stepflash.checkpoint.run import STATE_FILE, latest_checkpoint
 
@@ -97,9 +99,13 @@ def assert_same_weights(out_a, out_b) -> None:
         a.update({"critic." + k: v for k, v in ca.items()})
         b.update({"critic." + k: v for k, v in cb.items()})
     assert set(a) == set(b)
+    outliers = total = 0
     for name in a:
         diff = (a[name].float() - b[name].float()).abs()
-        assert diff.max() <= LR / 10 and diff.mean() <= LR * 1e-3, f"{name}: max {diff.max():.2e}"
+        assert diff.max() <= 2 * max_lr * steps, f"{name}: max {diff.max():.2e}"
+        outliers += int((diff > 1e-5).sum())
+        total += diff.numel()
+    assert outliers <= 1e-3 * total, f"{outliers} of {total} elements differ by more than 1e-5"
 
 
 MISPO = dict(algo="mispo", staleness=1, kl_coef=0.01, actor_minibatches=7, eval_samples=2, eval_every=1,

@@ -13,8 +13,8 @@
 With `param_dtype=bfloat16` (`train --precision bf16`) the gathered weights and the saved activations are
 bf16 while the sharded master weights, the optimizer state and the gradient reduction stay fp32; the
 norms and the router keep fp32 weights too (their own FSDP unit per layer), as the release computes them.
-`activation_checkpointing` recomputes each decoder layer in backward (`full`) or all of it but the
-matmul outputs (`selective`).
+`activation_checkpointing` recomputes every decoder layer in backward (`full`) or every second one
+(`selective`).
 
 Parameters become DTensors with their global shapes, so `model.state_dict()` names and shapes are the
 release's. Every rank then trains on its own slice of the batch (`mesh.data_shard`); gradients are
@@ -24,8 +24,6 @@ buffer: update it from `global_expert_counts(model)` so all ranks take the same 
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -33,7 +31,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 from torch.distributed.tensor import DTensor
-from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
+from torch.utils.checkpoint import checkpoint
 
 from stepflash.distributed.expert_parallel import ExpertParallelMoE, apply_expert_parallel
 from stepflash.distributed.mesh import DP, EP, flat_mesh
@@ -45,42 +43,30 @@ from stepflash.model.norm import RMSNorm
 ROOT_METHODS = ("trunk", "head", "mtp")
 CHECKPOINTING = ("none", "selective", "full")
 
-# Selective activation checkpointing keeps what is expensive to recompute (the outputs of matmuls and
-# attention) and recomputes the rest of a layer (norm arithmetic, activations, gates, rotary, routing
-# arithmetic) in backward: most of the memory of full checkpointing's saving at a fraction of its compute.
-_SAVED_OPS = {torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default,
-              torch.ops.aten._scaled_dot_product_flash_attention.default,
-              torch.ops.aten._scaled_dot_product_efficient_attention.default,
-              torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default}
-if hasattr(torch.ops.aten, "_grouped_mm"):
-    _SAVED_OPS.add(torch.ops.aten._grouped_mm.default)
 
 
-def _save_matmuls(ctx, op, *args, **kwargs) -> CheckpointPolicy:
-    return CheckpointPolicy.MUST_SAVE if op in _SAVED_OPS else CheckpointPolicy.PREFER_RECOMPUTE
-
-
-def _checkpoint_forward(layer: nn.Module, mode: str) -> None:
+def _checkpoint_forward(layer: nn.Module) -> None:
     """Recompute the layer's activations in backward instead of keeping them (non-reentrant autograd
-    checkpointing; `selective`: all but the matmul outputs); the module tree and parameter names are
-    unchanged."""
+    checkpointing); the module tree and parameter names are unchanged."""
     inner = layer.forward
-    options = {"context_fn": functools.partial(create_selective_checkpoint_contexts, _save_matmuls)} \
-        if mode == "selective" else {}
 
     def forward(*args, **kwargs):
-        return checkpoint(inner, *args, use_reentrant=False, **options, **kwargs)
+        return checkpoint(inner, *args, use_reentrant=False, **kwargs)
 
     layer.forward = forward
 
 
 def apply_activation_checkpointing(model: nn.Module, mode: str) -> None:
-    """`none`, `selective` or `full` checkpointing of every decoder layer (trunk and MTP), in place."""
+    """Checkpoint decoder layers (trunk and MTP) in place: `full` every layer, `selective` every second one
+    (layer-selective, as torchtitan's `selective_ac_option=2`: about half the saving for half the
+    recomputation), `none` nothing. (Op-level selective checkpointing, which keeps matmul outputs, does not
+    compose in torch 2.13 with the FSDP units nested in a layer, the expert slices and fp32 norm groups:
+    their hooks run a different number of ops in the recomputation.)"""
     if mode not in CHECKPOINTING:
         raise UserError(f"--activation-checkpointing must be one of {', '.join(CHECKPOINTING)}, got {mode!r}")
-    if mode != "none":
-        for layer in model.model.layers:
-            _checkpoint_forward(layer, mode)
+    for i, layer in enumerate(model.model.layers):
+        if mode == "full" or (mode == "selective" and i % 2 == 0):
+            _checkpoint_forward(layer)
 
 
 def _fp32_modules(layer: nn.Module) -> list[nn.Module]:

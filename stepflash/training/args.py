@@ -39,7 +39,7 @@ class TrainArgs:
         "help": "fp32, or bf16 mixed precision (fp32 master weights and optimizer; norms and router in fp32; "
                 "FSDP2's policy under torchrun, autocast in one process); auto: bf16 on GPU, fp32 on CPU"})
     activation_checkpointing: str = field(default="none", metadata={
-        "help": "recompute activations in backward: none, selective (all but matmul outputs) or full (per layer)"})
+        "help": "recompute activations in backward: none, selective (every second layer) or full (every layer)"})
     lr: float = field(default=2e-3, metadata={"help": "peak learning rate"})
     min_lr_ratio: float = field(default=0.1, metadata={"help": "final lr as a fraction of the peak (cosine)"})
     warmup_steps: int = field(default=20, metadata={"help": "linear warmup steps"})
