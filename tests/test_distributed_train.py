@@ -211,3 +211,16 @@ def test_launch_errors_are_one_sentence_user_errors(data_dir, tmp_path):
     assert resolve_optimizer("auto") == "muon" and resolve_optimizer("auto", saved="adamw") == "adamw"
     with pytest.raises(UserError, match="trained with adamw"):
         resolve_optimizer("muon", saved="adamw")
+
+
+def test_a_user_error_under_torchrun_is_one_line_and_torchruns_root_cause():
+    """Every rank raises it; rank 0 alone prints stepflash's line, and torchrun's own failure report (which it
+    always prints for a non-zero exit) names the same line as the root cause instead of pointing at its docs."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m", "stepflash",
+           "train", "--preset", "tiny", "--steps", "0", "--out", "unused"]
+    p = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    out = p.stdout + p.stderr
+    assert p.returncode != 0
+    assert out.count("stepflash train: error: --steps must be positive, got 0") == 1, out
+    assert "traceback : UserError: --steps must be positive, got 0" in out, out

@@ -47,9 +47,11 @@ def check_expert_parallel(ep: int, world_size: int, num_experts: int | None = No
 def _record_for_torchrun(message: str) -> None:
     """Write `message` where torchrun reads a failed worker's root cause (TORCHELASTIC_ERROR_FILE)."""
     path = os.environ.get("TORCHELASTIC_ERROR_FILE")
-    if path:
+    if path:  # the layout torch's own ErrorHandler writes, with the one line where it puts a traceback
+        data = {"message": {"message": message, "extraInfo": {"py_callstack": message,
+                                                              "timestamp": str(int(time.time()))}}}
         with contextlib.suppress(OSError), open(path, "w") as f:
-            json.dump({"message": message, "timestamp": int(time.time())}, f)
+            json.dump(data, f)
 
 
 @contextlib.contextmanager
