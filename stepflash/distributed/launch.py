@@ -22,7 +22,7 @@ import time
 import torch.distributed as dist
 
 from stepflash.distributed.mesh import build_mesh
-from stepflash.distributed.runtime import Runtime, init_distributed
+from stepflash.distributed.runtime import init_distributed
 from stepflash.errors import UserError
 
 

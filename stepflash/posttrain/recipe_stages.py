@@ -22,6 +22,7 @@ import random
 import torch
 
 from stepflash.posttrain.recipe_data import DOMAINS, compact_chat_template, conversation
+from stepflash.training.batches import read_jsonl
 
 
 def build_demo_start(train: dict, tok_dir: str, seed: int):
@@ -95,8 +96,7 @@ def load_union(ctx) -> list[dict]:
             for r in rows:
                 f.write(json.dumps(r, ensure_ascii=False) + "\n")
         os.replace(path + ".tmp", path)
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+    return [row for _, row in read_jsonl(path, "verified samples")] if os.path.getsize(path) else []
 
 
 def consolidate(ctx, out: str) -> None:

@@ -119,14 +119,17 @@ def check_args(a: RLArgs) -> None:
 def load_tasks(a: RLArgs) -> tuple[list, list]:
     """(train pool, held-out test tasks) for --task."""
     from stepflash.tasks.generators import Task, make_tasks, split_of
+    from stepflash.training.batches import read_jsonl
 
     if a.task == "math":
-        if not a.data or not os.path.isfile(a.data):
+        if not a.data:
             raise UserError("--task math needs --data FILE.jsonl with {\"prompt\", \"answer\"} lines")
-        with open(a.data) as f:
-            rows = [json.loads(line) for line in f if line.strip()]
-        tasks = [Task(r.get("prompt") or r["problem"], str(r["answer"]), "math", key=f"math:{r.get('prompt') or r['problem']}")
-                 for r in rows]
+        tasks = []
+        for n, r in read_jsonl(a.data, "math problems"):
+            question = r.get("prompt") or r.get("problem")
+            if not isinstance(question, str) or "answer" not in r:
+                raise UserError(f"{a.data}:{n}: a math problem needs \"prompt\" (or \"problem\") and \"answer\"")
+            tasks.append(Task(question, str(r["answer"]), "math", key=f"math:{question}"))
         return [t for t in tasks if split_of(t.key) == "train"], [t for t in tasks if split_of(t.key) == "test"]
     options = {}
     if a.task == "arithmetic":

@@ -19,9 +19,10 @@ from stepflash.errors import UserError
 
 
 def read_jsonl(path: str, what: str = "records") -> list[dict]:
-    """Every non-empty line of `path` as a JSON object; `what` names them in the errors."""
+    """(line number, object) of every non-empty line of `path`, each a JSON object; one-line errors name the
+    file and line (`what` names the records). The one JSONL reader of training, evaluation and RL data."""
     if not os.path.isfile(path):
-        raise UserError(f"no {what} file at {path}")
+        raise UserError(f"{what} file {path} does not exist")
     rows = []
     with open(path, encoding="utf-8") as f:
         try:
