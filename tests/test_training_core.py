@@ -10,7 +10,8 @@ import torch.nn.functional as F
 from stepflash.distributed import Runtime
 from stepflash.errors import UserError
 from stepflash.training.batches import ShuffledBatches, pad_right, read_jsonl
-from stepflash.training.losses import cross_entropy, masked_cross_entropy, masked_mean, token_logprobs
+from stepflash.training.losses import (cross_entropy, logprobs_and_entropy, masked_cross_entropy, masked_mean,
+                                       token_logprobs)
 from stepflash.training.monitors import StepLog
 from stepflash.training.schedule import lr_factor, set_lr
 
@@ -41,7 +42,8 @@ def test_masked_losses_match_a_naive_loop():
     assert cross_entropy(logits, targets).item() == pytest.approx(
         F.cross_entropy(logits.float().reshape(-1, 11), targets.reshape(-1)).item(), rel=1e-6)
     assert masked_mean(torch.ones(2, 3), torch.zeros(2, 3)).item() == 0.0  # nothing masked in: 0, not NaN
-    lp, ent = token_logprobs(logits, targets, with_entropy=True)
+    lp, ent = logprobs_and_entropy(logits, targets)
+    assert torch.equal(lp, token_logprobs(logits, targets))
     p = torch.softmax(logits[1, 2].float(), -1)
     assert lp[1, 2].item() == pytest.approx(torch.log(p[targets[1, 2]]).item(), rel=1e-5)
     assert ent[1, 2].item() == pytest.approx(-(p * p.log()).sum().item(), rel=1e-5)

@@ -20,6 +20,7 @@ from stepflash.rl.advantages import gae, value_loss
 from stepflash.rl.data_parallel import MOMENTS, explained_variance, gather_batch, local_rows, moment_sums, share
 from stepflash.rl.losses import grpo_advantages, kl_penalty, mispo_loss, mispo_masks, ppo_clip_loss
 from stepflash.rl.rollout import RolloutBatch, RolloutWorker
+from stepflash.training.losses import logprobs_and_entropy as token_logprobs_and_entropy
 from stepflash.training.losses import masked_mean, token_logprobs
 
 if TYPE_CHECKING:
@@ -30,7 +31,10 @@ if TYPE_CHECKING:
 
 def logprobs_and_entropy(model, ids: torch.Tensor, want_entropy: bool = False):
     """log pi(ids[:, 1:]) [B, S-1] in fp32 and, optionally, the entropy of each predictive distribution."""
-    return token_logprobs(model(ids[:, :-1]), ids[:, 1:], want_entropy)  # logits [B, S-1, V]
+    logits = model(ids[:, :-1])  # [B, S-1, V]
+    if want_entropy:
+        return token_logprobs_and_entropy(logits, ids[:, 1:])
+    return token_logprobs(logits, ids[:, 1:]), None
 
 
 # ---- one step ----------------------------------------------------------------------------------

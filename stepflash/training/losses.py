@@ -33,9 +33,12 @@ def masked_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, mask: torc
     return masked_mean(token_cross_entropy(logits, targets), mask)
 
 
-def token_logprobs(logits: torch.Tensor, targets: torch.Tensor, with_entropy: bool = False
-                   ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """log p(targets) [B, T] in fp32 and, optionally, the entropy [B, T] of each predictive distribution."""
+def token_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """log p(targets) [B, T] in fp32. For a sequence ids [B, S]: token_logprobs(model(ids)[:, :-1], ids[:, 1:])."""
+    return F.log_softmax(logits.float(), dim=-1).gather(-1, targets[..., None]).squeeze(-1)
+
+
+def logprobs_and_entropy(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """log p(targets) [B, T] and the entropy [B, T] of each predictive distribution, from one log-softmax."""
     logp = F.log_softmax(logits.float(), dim=-1)  # [B, T, V]
-    lp = logp.gather(-1, targets[..., None]).squeeze(-1)
-    return lp, (-(logp.exp() * logp).sum(-1) if with_entropy else None)
+    return logp.gather(-1, targets[..., None]).squeeze(-1), -(logp.exp() * logp).sum(-1)
