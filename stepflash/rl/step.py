@@ -93,7 +93,7 @@ def advantages(a: RLArgs, batch: RolloutBatch, sc: dict) -> tuple[torch.Tensor, 
     return gae(v_full[:, :-1], batch.rewards, batch.response_mask, truncated, last_values)
 
 
-def _rows(rt: Runtime, batch: RolloutBatch, idx: torch.Tensor) -> tuple[torch.Tensor, float]:
+def _rows(rt: Runtime, idx: torch.Tensor) -> tuple[torch.Tensor, float]:
     """This rank's rows of a mini-batch and the weight of their loss: 1, or 0 for a stand-in row when the
     rank's part is empty (DDP's gradient all-reduce needs a backward on every rank)."""
     rows = local_rows(rt, idx) if rt.distributed else idx
@@ -116,7 +116,7 @@ def actor_epoch(a: RLArgs, st: State, batch: RolloutBatch, sc: dict, adv: torch.
     st.policy.train()
     norms, rows_stats = [], []  # rows_stats: per mini-batch [loss, clip_fraction, kl_ref], this rank's shares
     for idx in torch.randperm(batch.size, generator=gen).chunk(a.actor_minibatches):
-        rows, present = _rows(rt, batch, idx)
+        rows, present = _rows(rt, idx)
         st.actor_opt.zero_grad(set_to_none=True)
         vals = [0.0, 0.0, 0.0]
         sub = batch.select(rows)
@@ -160,7 +160,7 @@ def critic_epoch(a: RLArgs, st: State, batch: RolloutBatch, returns: torch.Tenso
     """Step 5: one epoch of 0.5 (V - R)^2 in `critic_minibatches` updates (split over ranks like the actor's)."""
     ev, rows_stats = [], []  # rows_stats: per mini-batch [loss share, explained-variance moment sums...]
     for idx in torch.randperm(batch.size, generator=gen).chunk(a.critic_minibatches):
-        rows, present = _rows(rt, batch, idx)
+        rows, present = _rows(rt, idx)
         st.critic_opt.zero_grad(set_to_none=True)
         vals = [0.0] * (1 + len(MOMENTS))
         sub = batch.select(rows)
