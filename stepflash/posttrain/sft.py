@@ -12,9 +12,9 @@ Built-in data: `--task arithmetic|countdown` writes prompt -> answer conversatio
 tasks' train split with a one-line reasoning ("3 + 5 = 8"), so a demo needs no download.
 
 Starting point: a checkpoint directory, or (for demos) a preset name (`tiny`, `small`, `flash`, or `demo`, the
-~1M-parameter RL demo model) or a config json, which starts from random weights. Without a tokenizer in the checkpoint a small BPE is trained on the
-SFT data with digits kept as single tokens (`build_task_tokenizer`), and a fresh model's vocabulary is sized
-to it. The result (weights, config, tokenizer) is written to a temporary directory and renamed to `--out`.
+~1M-parameter RL demo model) or a config json, which starts from random weights. Without a tokenizer in the
+checkpoint a small BPE is trained on the SFT data with digits kept as single tokens (`build_task_tokenizer`),
+and a fresh model's vocabulary is sized to it. The result (weights, config, tokenizer) is written to a temporary directory and renamed to `--out`.
 
 The loop is the shared training core's (`stepflash.training`: `ShuffledBatches`, `lr_factor` with a 10-step
 warmup and cosine decay to 10%, `masked_cross_entropy`, `StepLog`); under torchrun the model is FSDP-sharded
