@@ -36,6 +36,8 @@ VERBS: dict[str, tuple[str, str, str]] = {
     "serve": ("stepflash.server.app", "ServeArgs", "OpenAI-compatible HTTP server"),
     "sft": ("stepflash.posttrain.sft", "SFTArgs", "supervised fine-tuning on chat conversations"),
     "rm train": ("stepflash.posttrain.reward_model", "RMTrainArgs", "train a Bradley-Terry preference reward model"),
+    "mtp": ("stepflash.posttrain.mtp_phase", "MTPPhaseArgs", "the MTP phase: clone MTP module 1 into the others, "
+            "train them jointly (trunk frozen)"),
     "rl": ("stepflash.rl.trainer", "RLArgs", "RL post-training: MIS-PO, PPO or GRPO"),
     "eval": ("stepflash.evaluation.harness", "EvalArgs", "score a checkpoint or predictions on math/code/tool tasks"),
     "recipe": ("stepflash.posttrain.recipe", "RecipeArgs", "the report's specialise-then-consolidate post-training recipe"),

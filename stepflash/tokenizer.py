@@ -55,18 +55,20 @@ def _texts(files_or_iterator: Iterable[str] | str) -> Iterator[str]:
 
 
 def train_tokenizer(files_or_iterator: Iterable[str] | str, vocab_size: int, out_path: str | None = None,
-                    show_progress: bool = False) -> Tokenizer:
+                    show_progress: bool = False, split_digits: bool = False) -> Tokenizer:
     """Byte-level BPE of `vocab_size` tokens (special tokens at ids 0..10) trained on the texts.
 
     files_or_iterator: file paths, or an iterable of text strings. out_path: a directory (tokenizer.json
     and tokenizer_config.json are written there) or a path ending in .json; None writes nothing.
     Below LOSSLESS_MIN_VOCAB (267) not every byte can have a token: the alphabet is then the most
     frequent bytes of the corpus and rarer bytes are dropped on encode (only the `tiny` test preset
-    is that small)."""
+    is that small). split_digits: every digit its own token (small models learn arithmetic on digits)."""
     if vocab_size <= len(SPECIAL_TOKENS) + 1:
         raise UserError(f"vocab_size must be larger than the {len(SPECIAL_TOKENS)} special tokens, got {vocab_size}")
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    if split_digits:
+        tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), tok.pre_tokenizer])
     tok.decoder = decoders.ByteLevel()
     if vocab_size >= LOSSLESS_MIN_VOCAB:
         alphabet = {"initial_alphabet": pre_tokenizers.ByteLevel.alphabet()}

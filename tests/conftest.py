@@ -47,11 +47,12 @@ def data_dir(tmp_path_factory):
 def rl_ckpt(tmp_path_factory):
     """A random `tiny` model with a small task tokenizer, saved as a checkpoint (for the RL trainer)."""
     from stepflash.chat import render_chat
-    from stepflash.posttrain.sft import load_start, save_checkpoint_dir
+    from stepflash.checkpoint.run import save_model_dir
+    from stepflash.posttrain.sft import load_start
 
     texts = [render_chat([{"role": "user", "content": f"say something {i}"}, {"role": "assistant", "content": "ok"}],
                          add_generation_prompt=False) for i in range(50)]
     model, tok = load_start("tiny", texts, seed=0)
     path = str(tmp_path_factory.mktemp("rl") / "ckpt")
-    save_checkpoint_dir(model, tok, path)
+    save_model_dir(model, tok, path)
     return path

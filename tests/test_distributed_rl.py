@@ -8,7 +8,8 @@ and acceptance rates, losses, grad norms, value loss, explained variance, held-o
 sampled) and the saved policy and critic weights. The mispo run uses stale rollouts (acceptance < 1), a
 KL term, 7 actor mini-batches of a 16-sample batch (one of them a single row: a rank with no rows still
 takes the step) and resumes a checkpoint at 2 processes; grpo uses per-sequence normalisation. One short
-`torchrun -m stepflash rl --task arithmetic` run checks the CLI itself.
+`torchrun -m stepflash rl --task arithmetic` run checks the CLI itself. Under torchrun the updates run
+through torch's DDP (`Runtime.replicate`).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from stepflash.errors import UserError
 from stepflash.rl.rollout import task_reward
 from stepflash.tasks.generators import Task
 from stepflash.rl.trainer import RLArgs, _train_rl, train_rl
+from test_distributed_train import assert_equal_but_isolated_elements
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -83,9 +85,9 @@ def assert_same_metrics(got: list[dict], want: list[dict]) -> None:
             assert g[k] == pytest.approx(w[k], rel=1e-4, abs=1e-5), (w["step"], k, g[k], w[k])
 
 
-def assert_same_weights(out_a, out_b) -> None:
-    """Policy weights of the latest checkpoints (and the critic, when there is one) up to AdamW's
-    amplification of last-bit gradient differences."""
+def assert_same_weights(out_a, out_b, max_lr: float = 1e-2, steps: int = 2) -> None:
+    """Policy weights of the latest checkpoints (and the critic, when there is one), equal but for isolated
+    elements where AdamW amplified last-bit gradient differences."""
     from stepflash.checkpoint import load_model
     from stepflash.checkpoint.run import STATE_FILE, latest_checkpoint
 
@@ -96,10 +98,7 @@ def assert_same_weights(out_a, out_b) -> None:
     if ca is not None:
         a.update({"critic." + k: v for k, v in ca.items()})
         b.update({"critic." + k: v for k, v in cb.items()})
-    assert set(a) == set(b)
-    for name in a:
-        diff = (a[name].float() - b[name].float()).abs()
-        assert diff.max() <= LR / 10 and diff.mean() <= LR * 1e-3, f"{name}: max {diff.max():.2e}"
+    assert_equal_but_isolated_elements(a, b, 2 * max_lr * steps)
 
 
 MISPO = dict(algo="mispo", staleness=1, kl_coef=0.01, actor_minibatches=7, eval_samples=2, eval_every=1,
@@ -163,7 +162,7 @@ def test_prompts_must_split_evenly(ckpt, tmp_path):
 if __name__ == "__main__":  # one rank of `python -m torch.distributed.run ... THIS_FILE JOBS_JSON`
     import torch.distributed as dist
 
-    from stepflash.distributed.mesh import init_distributed
+    from stepflash.distributed import init_distributed
 
     init_distributed("gloo")  # one group for all jobs: train_rl's session uses it and leaves it running
     for job in json.loads(sys.argv[1]):

@@ -248,3 +248,26 @@ def test_recipe_rejects_a_bad_start(tmp_path):
     from stepflash import cli
 
     assert cli.main(["recipe", str(tmp_path / "nowhere"), "--out", str(tmp_path / "r")]) == 2
+
+
+def test_mtp_verb_clones_trains_and_saves(rl_ckpt, tmp_path, capsys):
+    """`stepflash mtp` (the MTP phase on its own): trunk outputs unchanged, MTP modules trained, a checkpoint."""
+    import json
+
+    import stepflash
+    from stepflash.cli import main
+
+    data = tmp_path / "convs.jsonl"
+    with open(data, "w") as f:
+        for i in range(24):
+            f.write(json.dumps({"messages": [{"role": "user", "content": f"say something {i}"},
+                                             {"role": "assistant", "content": "ok " * (i % 5 + 1)}]}) + "\n")
+    out = tmp_path / "mtp"
+    assert main(["mtp", rl_ckpt, "--data", str(data), "--out", str(out), "--steps", "3", "--batch-size", "4",
+                 "--eval-prompts", "4", "--threads", "1"]) == 0
+    printed = capsys.readouterr().out
+    assert "mean accepted drafts (k=3)" in printed and "mtp phase done after 3 steps" in printed
+    before, after = stepflash.load_model(rl_ckpt).state_dict(), stepflash.load_model(str(out)).state_dict()
+    n = stepflash.load_model(rl_ckpt).config.num_hidden_layers
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed and all(k.startswith(tuple(f"model.layers.{n + j}." for j in range(3))) for k in changed)

@@ -99,3 +99,20 @@ def test_sft_end_to_end_from_jsonl(tmp_path):
     assert model.config.vocab_size == tok.get_vocab_size()
     assert set(model.config.eos_token_ids) == {tok.token_to_id("<|eos|>"), tok.token_to_id("<|im_end|>")}
     assert not (tmp_path / "out.tmp").exists()
+
+
+def test_sft_cli_messages(tmp_path, capsys):
+    """The help and the error name the same starting points; the closing line reports the last step's loss
+    (the one the last progress line printed) and says which number is a mean."""
+    from stepflash.cli import build_parser, main
+
+    assert "tiny, small, flash, or demo" in " ".join(build_parser("sft", SFTArgs).format_help().split())
+    assert main(["sft", "nope", "--task", "arithmetic", "--out", str(tmp_path / "x"), "--steps", "1"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "(tiny, small, flash, or demo)" in err
+    assert main(["sft", "tiny", "--task", "arithmetic", "--num-examples", "32", "--steps", "3", "--batch-size", "8",
+                 "--max-len", "64", "--log-every", "1", "--out", str(tmp_path / "o")]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    last_step = lines[-2].split(" loss ")[1].split()[0]
+    assert lines[-2].startswith("sft step 3/3") and f"loss {last_step} at the last step" in lines[-1]
+    assert "mean of the last 10" in lines[-1]

@@ -1,4 +1,9 @@
-"""Training checkpoints: the release layout plus the trainer's state, published atomically.
+"""Training checkpoints and finished model directories: the release layout plus what a run adds, published
+atomically.
+
+`save_model_dir` / `copy_model_dir` publish one complete model directory (weights, config, tokenizer; the
+result of `sft`, the MTP phase, a recipe stage); `save_tensors` / `load_tensors` keep a named safetensors
+file beside the weights (the critic's and reward model's value head).
 
 RUN_DIR/checkpoints/step_00000200/ holds what `stepflash.load_model` and the tokenizer loader read
 (config.json, model.safetensors or shards + index, tokenizer.json, tokenizer_config.json) and
@@ -65,6 +70,42 @@ def save_checkpoint(run_dir: str, step: int, model, trainer_state: dict, tokeniz
     save_model(model, tmp, tokenizer=tokenizer_src)  # + tokenizer files and generation_config.json
     torch.save(trainer_state, os.path.join(tmp, STATE_FILE))
     return _publish(run_dir, name, keep)
+
+
+def save_model_dir(model, tokenizer, out: str) -> str:
+    """Weights, config and tokenizer (a Tokenizer, or the path of one to copy) written into a temporary sibling
+    directory, then renamed to `out` (replacing an older one). Returns the absolute path."""
+    out = os.path.abspath(out)
+    tmp = out + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    save_model(model, tmp, tokenizer=tokenizer)  # + tokenizer files and generation_config.json
+    replace_dir(tmp, out)
+    return out
+
+
+def copy_model_dir(src: str, out: str) -> None:
+    """Copy a checkpoint directory without its trainer state to out.tmp, then rename it to `out`."""
+    tmp = out + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(src, tmp, ignore=shutil.ignore_patterns(STATE_FILE))
+    replace_dir(tmp, out)
+
+
+def save_tensors(path: str, name: str, tensors: dict[str, torch.Tensor]) -> None:
+    """Write `tensors` (fp32, on CPU) as PATH/NAME (safetensors), atomically."""
+    from safetensors.torch import save_file
+
+    tmp = os.path.join(path, name + ".tmp")
+    save_file({k: v.detach().float().cpu().contiguous() for k, v in tensors.items()}, tmp, metadata={"format": "pt"})
+    os.replace(tmp, os.path.join(path, name))
+
+
+def load_tensors(path: str, name: str, device="cpu") -> dict[str, torch.Tensor] | None:
+    """The tensors of PATH/NAME, or None when there is no such file."""
+    from safetensors.torch import load_file
+
+    file = os.path.join(path, name)
+    return load_file(file, device=str(device)) if os.path.isfile(file) else None
 
 
 def replace_dir(tmp: str, final: str) -> None:

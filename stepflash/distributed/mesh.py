@@ -1,6 +1,6 @@
 """Process groups and the device mesh: who talks to whom when the model is spread over ranks.
 
-Launch with torchrun (it sets RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT); `init_distributed()`
+Launch with torchrun (it sets RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT); `runtime.init_distributed()`
 reads that environment and starts the default process group, NCCL on CUDA and gloo on CPU.
 
 The mesh is 2-D, `("dp", "ep")` with shape (dp, ep) and ep the inner (fastest-varying) dimension, so an
@@ -19,10 +19,6 @@ balance loss (SPEC section 6: "split experts into G groups (expert-parallel rank
 
 from __future__ import annotations
 
-import os
-from dataclasses import dataclass
-from datetime import timedelta
-
 import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
@@ -30,48 +26,6 @@ from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from stepflash.errors import UserError
 
 DP, EP, FLAT = "dp", "ep", "dp_ep"
-
-
-@dataclass(frozen=True)
-class DistInfo:
-    """Where this process sits: global rank, world size, rank on its node and the device it computes on."""
-
-    rank: int
-    world_size: int
-    local_rank: int
-    device: torch.device
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-
-def init_distributed(backend: str | None = None, timeout_s: float = 1800.0) -> DistInfo:
-    """Start the default process group from torchrun's environment (no-op when already started).
-
-    Without torchrun's variables this is a single process: world size 1, no process group. On CUDA the
-    process is pinned to GPU LOCAL_RANK before the group starts, as NCCL requires."""
-    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
-        device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
-        if dist.is_initialized():
-            return DistInfo(dist.get_rank(), dist.get_world_size(), 0, device)
-        return DistInfo(0, 1, 0, device)
-    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    if backend is None:
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-    if backend == "nccl":
-        if local_rank >= torch.cuda.device_count():
-            raise UserError(f"LOCAL_RANK {local_rank} but only {torch.cuda.device_count()} GPUs are visible; "
-                            "set --nproc-per-node to the number of GPUs on the node")
-        torch.cuda.set_device(local_rank)
-        device = torch.device("cuda", local_rank)
-    else:
-        device = torch.device("cpu")
-    if not dist.is_initialized():
-        dist.init_process_group(backend=backend, timeout=timedelta(seconds=timeout_s),
-                                device_id=device if backend == "nccl" else None)
-    return DistInfo(rank, world, local_rank, device)
 
 
 def build_mesh(dp: int, ep: int = 1, device_type: str | None = None) -> DeviceMesh:

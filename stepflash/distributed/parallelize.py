@@ -10,6 +10,12 @@
    compute: FSDP only shards its storage);
 3. the root (embedding, final norm, lm_head) is the last unit.
 
+With `param_dtype=bfloat16` (`train --precision bf16`) the gathered weights and the saved activations are
+bf16 while the sharded master weights, the optimizer state and the gradient reduction stay fp32; the
+norms and the router keep fp32 weights too (their own FSDP unit per layer), as the release computes them.
+`activation_checkpointing` recomputes every decoder layer in backward (`full`) or every second one
+(`selective`).
+
 Parameters become DTensors with their global shapes, so `model.state_dict()` names and shapes are the
 release's. Every rank then trains on its own slice of the batch (`mesh.data_shard`); gradients are
 averaged over the dp * ep ranks by FSDP's reduce-scatter. The loss-free router bias is a replicated
@@ -31,9 +37,12 @@ from stepflash.distributed.expert_parallel import ExpertParallelMoE, apply_exper
 from stepflash.distributed.mesh import DP, EP, flat_mesh
 from stepflash.errors import UserError
 from stepflash.model import Step35ForCausalLM
+from stepflash.model.norm import RMSNorm
 
 
 ROOT_METHODS = ("trunk", "head", "mtp")
+CHECKPOINTING = ("none", "selective", "full")
+
 
 
 def _checkpoint_forward(layer: nn.Module) -> None:
@@ -47,14 +56,36 @@ def _checkpoint_forward(layer: nn.Module) -> None:
     layer.forward = forward
 
 
+def apply_activation_checkpointing(model: nn.Module, mode: str) -> None:
+    """Checkpoint decoder layers (trunk and MTP) in place: `full` every layer, `selective` every second one
+    (layer-selective, as torchtitan's `selective_ac_option=2`: about half the saving for half the
+    recomputation), `none` nothing. (Op-level selective checkpointing, which keeps matmul outputs, does not
+    compose in torch 2.13 with the FSDP units nested in a layer, the expert slices and fp32 norm groups:
+    their hooks run a different number of ops in the recomputation.)"""
+    if mode not in CHECKPOINTING:
+        raise UserError(f"--activation-checkpointing must be one of {', '.join(CHECKPOINTING)}, got {mode!r}")
+    for i, layer in enumerate(model.model.layers):
+        if mode == "full" or (mode == "selective" and i % 2 == 0):
+            _checkpoint_forward(layer)
+
+
+def _fp32_modules(layer: nn.Module) -> list[nn.Module]:
+    """The modules of a decoder layer whose weights stay fp32 under bf16 mixed precision, as the release keeps
+    them: every RMSNorm and the MoE router."""
+    mods = [m for m in layer.modules() if isinstance(m, RMSNorm)]
+    moe = getattr(layer, "moe", None)
+    return mods + ([moe.gate] if moe is not None else [])
+
+
 def parallelize(model: nn.Module, mesh: DeviceMesh, ep: int | None = None, *,
                 param_dtype: torch.dtype | None = None, reduce_dtype: torch.dtype | None = None,
-                activation_checkpointing: bool = False, reshard_after_forward: bool = True) -> nn.Module:
+                activation_checkpointing: str = "none", reshard_after_forward: bool = True) -> nn.Module:
     """Apply expert parallelism and FSDP2 to `model` in place and return it.
 
     mesh: from `build_mesh(dp, ep)`; `ep`, when given, must match its "ep" size (a guard for callers
     that carry the flag separately). param_dtype: compute dtype of gathered parameters (e.g. bf16,
-    with fp32 sharded master weights); reduce_dtype: dtype of gradient reduction (fp32 recommended)."""
+    with fp32 sharded master weights; norms and the router are then gathered in fp32, each layer's as one
+    extra FSDP unit); reduce_dtype: dtype of gradient reduction (fp32 recommended)."""
     ep_size, dp_size = mesh[EP].size(), mesh[DP].size()
     if ep is not None and ep != ep_size:
         raise UserError(f"expert parallel size {ep} does not match the mesh's ep dimension {ep_size}")
@@ -63,8 +94,10 @@ def parallelize(model: nn.Module, mesh: DeviceMesh, ep: int | None = None, *,
         raise UserError(f"expert parallel size {ep_size} must divide the number of experts {num_experts}")
     world = flat_mesh(mesh)
     mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
+    full_precision = MixedPrecisionPolicy(reduce_dtype=reduce_dtype)
     if ep_size > 1:
         apply_expert_parallel(model, mesh[EP])
+    apply_activation_checkpointing(model, activation_checkpointing)
     for layer in model.model.layers:
         moe = getattr(layer, "moe", None)
         if isinstance(moe, ExpertParallelMoE):
@@ -76,9 +109,14 @@ def parallelize(model: nn.Module, mesh: DeviceMesh, ep: int | None = None, *,
                 # A custom factor becomes a pre-multiplied sum, which gloo lacks: sum, then divide.
                 # (Not with dp == 1: torch 2.13 then divides twice on that path.)
                 experts[0].set_force_sum_reduction_for_comms(True)
-        if activation_checkpointing:
-            _checkpoint_forward(layer)
+        if param_dtype is not None and param_dtype != torch.float32:
+            # One fp32 unit per layer. The router is read as `gate.weight`, never called as a module: FSDP
+            # gathers it with the first norm of the group and completes the group at the root's post-forward.
+            fully_shard(_fp32_modules(layer), mesh=world, mp_policy=full_precision,
+                        reshard_after_forward=reshard_after_forward)
         fully_shard(layer, mesh=world, mp_policy=mp, reshard_after_forward=reshard_after_forward)
+    if param_dtype is not None and param_dtype != torch.float32:
+        fully_shard(model.model.norm, mesh=world, mp_policy=full_precision)
     fully_shard(model, mesh=world, mp_policy=mp)
     # The training code calls these parts directly (trunk -> head, trunk -> MTP chain), not only
     # forward(); each must gather the root's parameters (embedding, final norm, heads) first.

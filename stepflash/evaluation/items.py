@@ -10,7 +10,6 @@ The built-in sample sets live in stepflash/evaluation/data/{task}.jsonl.
 
 from __future__ import annotations
 
-import json
 import os
 
 from stepflash.errors import UserError
@@ -32,25 +31,10 @@ def check_task(task: str) -> None:
 
 
 def read_jsonl(path: str, what: str = "data") -> list[dict]:
-    """Objects of a JSONL file (blank lines skipped); errors name the file and the line."""
-    if not os.path.isfile(path):
-        raise UserError(f"{what} file {path} does not exist")
-    rows = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise UserError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
-            if not isinstance(row, dict):
-                raise UserError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
-            row["_line"] = lineno
-            rows.append(row)
-    if not rows:
-        raise UserError(f"{what} file {path} holds no JSON lines")
-    return rows
+    """Objects of a JSONL file, each with its line number under "_line" (read by `stepflash.training.batches`)."""
+    from stepflash.training.batches import read_jsonl as read_lines
+
+    return [dict(row, _line=n) for n, row in read_lines(path, what)]
 
 
 def load_items(task: str, path: str | None = None, limit: int = 0) -> list[dict]:

@@ -11,19 +11,22 @@ can draft three tokens. Here:
 - `accepted_length` measures what the phase is for: the mean number of draft tokens the engine's
   speculative decoding (greedy, k drafts) accepts per verify step on held-out prompts.
 
-`python -m stepflash.posttrain.mtp_phase CHECKPOINT --data convs.jsonl --out DIR` runs it on its own.
+`stepflash mtp CHECKPOINT --data convs.jsonl --out DIR` runs it on its own; the recipe's last stage calls
+`train_mtp_phase`. The loop is the shared training core's (`stepflash.training`).
 """
 
 from __future__ import annotations
 
 import random
-import time
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 
 from stepflash.errors import UserError
+from stepflash.training.batches import ShuffledBatches
+from stepflash.training.losses import masked_cross_entropy
+from stepflash.training.monitors import StepLog
+from stepflash.training.schedule import lr_factor, set_lr
 
 
 # ---- the pieces ---------------------------------------------------------------------------------
@@ -45,6 +48,21 @@ def mtp_parameters(model) -> list[torch.nn.Parameter]:
     return [p for layer in model.mtp_layers for p in layer.parameters()]
 
 
+def mtp_chain_logits(model, inputs: torch.Tensor, h: torch.Tensor, depth: int) -> list[torch.Tensor]:
+    """The teacher-forced chain of MTP modules 0..depth-1 over inputs [B, T] (h = model.trunk(inputs)):
+    element j is [B, T-1-j, V], its position t predicting inputs-token t + 2 + j."""
+    T = inputs.shape[1]
+    pos = model.default_positions(inputs)
+    out, z = [], h
+    for j in range(depth):
+        n = T - 1 - j  # positions with a target
+        if n <= 0:
+            break
+        z, logits = model.mtp(j, inputs[:, 1 + j:], z[:, :n], pos[:, :n])  # [B, n, V]
+        out.append(logits)
+    return out
+
+
 def masked_mtp_losses(model, ids: torch.Tensor, target_mask: torch.Tensor, h: torch.Tensor,
                       depth: int | None = None) -> list[torch.Tensor]:
     """Cross entropy of MTP modules 0..depth-1 over target tokens, each a scalar.
@@ -52,20 +70,9 @@ def masked_mtp_losses(model, ids: torch.Tensor, target_mask: torch.Tensor, h: to
     ids [B, S] (a padded batch), target_mask [B, S-1] (1 where ids[:, t+1] is a trained token, as `sft_batch`
     makes it), h = model.trunk(ids[:, :-1]) [B, S-1, hidden]. Module j at position t predicts ids[:, t+2+j]
     (`objective.mtp_targets` on the window ids); its mask is target_mask[:, 1+j:]."""
-    inputs = ids[:, :-1]  # [B, T]
-    T = inputs.shape[1]
     depth = len(model.mtp_layers) if depth is None else min(depth, len(model.mtp_layers))
-    pos = model.default_positions(inputs)
-    losses, z = [], h
-    for j in range(depth):
-        n = T - 1 - j  # positions with a target
-        if n <= 0:
-            break
-        z, logits = model.mtp(j, inputs[:, 1 + j:], z[:, :n], pos[:, :n])  # [B, n, V]
-        ce = F.cross_entropy(logits.float().transpose(1, 2), ids[:, 2 + j:], reduction="none")  # [B, n]
-        mask = target_mask[:, 1 + j:]
-        losses.append((ce * mask).sum() / mask.sum().clamp(min=1))
-    return losses
+    return [masked_cross_entropy(logits, ids[:, 2 + j:], target_mask[:, 1 + j:])
+            for j, logits in enumerate(mtp_chain_logits(model, ids[:, :-1], h, depth))]
 
 
 @torch.no_grad()
@@ -97,11 +104,26 @@ def accepted_length(model, prompts: list[list[int]], k: int = 3, max_new_tokens:
             "acceptance_per_position": [a / t if t else 0.0 for a, t in zip(pos_acc, pos_tried)]}
 
 
+def mtp_step(model, opt, ids: torch.Tensor, mask: torch.Tensor, weights: list[float]) -> list[torch.Tensor]:
+    """One optimizer step of the weighted chain loss on a padded batch (the trunk runs without grad);
+    returns the per-module losses."""
+    with torch.no_grad():
+        h = model.trunk(ids[:, :-1])
+    parts = masked_mtp_losses(model, ids, mask, h, depth=len(weights))
+    loss = sum(w * x for w, x in zip(weights, parts)) / sum(weights[: len(parts)])
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], 1.0)
+    opt.step()
+    return [loss.detach()] + [x.detach() for x in parts]
+
+
 def train_mtp_phase(model, examples: list[tuple[list[int], list[int]]], pad_id: int, steps: int = 100,
                     lr: float = 1e-3, batch_size: int = 16, depth_weights=(1.0, 1.0, 1.0), seed: int = 0,
                     log=print, log_every: int = 20) -> list[float]:
     """Train only the MTP layers (trunk, embedding, lm_head frozen) on tokenized conversations
-    [(ids, assistant_mask)] with the weighted chain loss; returns the per-step losses."""
+    [(ids, assistant_mask)] with the weighted chain loss (10-step warmup, linear decay to 10%); returns the
+    per-step losses."""
     from stepflash.posttrain.sft import sft_batch
 
     if steps < 1 or batch_size < 1:
@@ -109,35 +131,19 @@ def train_mtp_phase(model, examples: list[tuple[list[int], list[int]]], pad_id: 
     trainable = set(map(id, mtp_parameters(model)))
     for p in model.parameters():
         p.requires_grad_(id(p) in trainable)
-    params = mtp_parameters(model)
-    opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
+    opt = torch.optim.AdamW(mtp_parameters(model), lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
     weights = list(depth_weights)[: len(model.mtp_layers)]
-    rng = random.Random(seed)
-    order: list[int] = []
-    losses, t0 = [], time.time()
+    batches = ShuffledBatches(len(examples), batch_size, seed)
+    progress = StepLog("mtp phase", steps, log_every, log)
     model.train()
     for step in range(steps):
-        for g in opt.param_groups:  # short warmup, then linear decay to 10%
-            g["lr"] = lr * min(1.0, (step + 1) / 10) * (1.0 - 0.9 * step / steps)
-        if len(order) < batch_size:
-            order += rng.sample(range(len(examples)), len(examples))
-        batch, order = [examples[i] for i in order[:batch_size]], order[batch_size:]
-        ids, mask = sft_batch(batch, pad_id)
-        with torch.no_grad():
-            h = model.trunk(ids[:, :-1])
-        parts = masked_mtp_losses(model, ids, mask, h, depth=len(weights))
-        loss = sum(w * x for w, x in zip(weights, parts)) / sum(weights[: len(parts)])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        losses.append(loss.item())
-        if log_every and (step + 1) % log_every == 0:
-            log(f"mtp phase step {step + 1}/{steps} loss {sum(losses[-log_every:]) / log_every:.4f} "
-                f"(per module {' '.join(f'{x.item():.3f}' for x in parts)}, {time.time() - t0:.0f}s)")
+        set_lr(opt, lr_factor(step, 10, steps, 0.1, decay="linear"))
+        ids, mask = sft_batch([examples[i] for i in batches.next()], pad_id)
+        loss, *parts = mtp_step(model, opt, ids, mask, weights)
+        progress.add(step + 1, {"loss": float(loss), **{f"module_{j}": float(x) for j, x in enumerate(parts)}})
     for p in model.parameters():
         p.requires_grad_(True)
-    return losses
+    return [r["loss"] for r in progress.history]
 
 
 # ---- on its own ---------------------------------------------------------------------------------
@@ -163,7 +169,8 @@ class MTPPhaseArgs:
 def run(args: MTPPhaseArgs) -> int:
     from stepflash.chat import ChatTemplate
     from stepflash.checkpoint import load_model
-    from stepflash.posttrain.sft import read_conversations, save_checkpoint_dir, tokenize_conversation
+    from stepflash.checkpoint.run import save_model_dir
+    from stepflash.posttrain.sft import read_conversations, tokenize_conversation
     from stepflash.tokenizer import load_tokenizer
 
     if not args.out or not args.data:
@@ -183,24 +190,11 @@ def run(args: MTPPhaseArgs) -> int:
     if not args.no_clone:
         clone_mtp_modules(model)
     examples = [tokenize_conversation(tok, template, c, args.max_len) for c in train]
-    train_mtp_phase(model, examples, tok.token_to_id("<|pad|>") or 0, args.steps, args.lr, args.batch_size,
-                    seed=args.seed)
+    losses = train_mtp_phase(model, examples, tok.token_to_id("<|pad|>") or 0, args.steps, args.lr, args.batch_size,
+                             seed=args.seed)
     after = accepted_length(model, prompts, k, stop_ids=stop) if prompts else None
-    save_checkpoint_dir(model, tok, args.out)
+    save_model_dir(model, tok, args.out)
     if before and after:
         print(f"mean accepted drafts (k={k}): {before['mean_accepted']:.3f} -> {after['mean_accepted']:.3f}")
-    print(f"mtp phase done; checkpoint in {args.out}")
+    print(f"mtp phase done after {args.steps} steps: loss {losses[-1]:.4f} at the last step; checkpoint in {args.out}")
     return 0
-
-
-if __name__ == "__main__":
-    import sys
-
-    from stepflash.cli import build_parser
-
-    ns = build_parser("mtp-phase", MTPPhaseArgs).parse_args()
-    try:
-        sys.exit(run(MTPPhaseArgs(**vars(ns))))
-    except (UserError, FileNotFoundError) as e:
-        print(f"mtp phase: error: {e}", file=sys.stderr)
-        sys.exit(2)

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import time
 from dataclasses import dataclass, field
 
@@ -122,25 +121,16 @@ def done(path: str) -> bool:
     return os.path.isfile(os.path.join(path, "config.json"))
 
 
-def publish_dir(src: str, out: str) -> None:
-    """Copy a checkpoint directory (without trainer state) to out.tmp, then rename it to `out`."""
-    from stepflash.checkpoint.run import replace_dir
-
-    tmp = out + ".tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(src, tmp, ignore=shutil.ignore_patterns("trainer_state.pt"))
-    replace_dir(tmp, out)
-
-
 # ---- stages -----------------------------------------------------------------------------------------
 
 def stage_sft(ctx: Context, out: str) -> None:
+    from stepflash.checkpoint.run import copy_model_dir, save_model_dir
+
     if ctx.args.start != "demo":
-        publish_dir(ctx.args.start, out)
+        copy_model_dir(ctx.args.start, out)
         return
     from stepflash.posttrain.recipe_stages import build_demo_start, reference_examples
     from stepflash.posttrain.recipe_train import train_supervised
-    from stepflash.posttrain.sft import save_checkpoint_dir
 
     a = ctx.args
     model, tok, template, tok_dir = build_demo_start(ctx.train, ctx.path("work", "tokenizer"), a.seed)
@@ -149,13 +139,13 @@ def stage_sft(ctx: Context, out: str) -> None:
     examples = reference_examples(ctx.train, tok, template, model.config.max_position_embeddings)
     train_supervised(model, examples, tok.token_to_id("<|pad|>") or 0, a.sft_steps, a.sft_lr, a.batch_size,
                      mtp_weight=a.mtp_weight, seed=a.seed, log=ctx.say, log_every=100)
-    save_checkpoint_dir(model, tok_dir, out)
+    save_model_dir(model, tok_dir, out)
 
 
 def rl_stage(ctx: Context, name: str, start: str, tasks: list, algo: str, steps: int, lr: float) -> None:
     """RL from `start` on `tasks` in OUT/work/NAME (resumable), then publish the last policy as OUT/NAME."""
+    from stepflash.checkpoint.run import copy_model_dir, latest_checkpoint
     from stepflash.rl.trainer import RLArgs, train_rl
-    from stepflash.checkpoint.run import latest_checkpoint
 
     a = ctx.args
     run_dir = ctx.path("work", name)
@@ -177,7 +167,7 @@ def rl_stage(ctx: Context, name: str, start: str, tasks: list, algo: str, steps:
                 ctx.say(f"{name} step {rec.get('step')}/{steps} reward {rec.get('reward', '-')} "
                         f"entropy {rec.get('entropy', '-')} kept {rec.get('kept_fraction', '-')}")
         train_rl(rl, tasks, [], log=log)
-    publish_dir(latest_checkpoint(run_dir), ctx.path(name))
+    copy_model_dir(latest_checkpoint(run_dir), ctx.path(name))
 
 
 def stage_expert(ctx: Context, domain: str, out: str) -> None:

@@ -22,6 +22,7 @@ import random
 import torch
 
 from stepflash.posttrain.recipe_data import DOMAINS, compact_chat_template, conversation
+from stepflash.training.batches import read_jsonl
 
 
 def build_demo_start(train: dict, tok_dir: str, seed: int):
@@ -95,14 +96,13 @@ def load_union(ctx) -> list[dict]:
             for r in rows:
                 f.write(json.dumps(r, ensure_ascii=False) + "\n")
         os.replace(path + ".tmp", path)
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+    return [row for _, row in read_jsonl(path, "verified samples")] if os.path.getsize(path) else []
 
 
 def consolidate(ctx, out: str) -> None:
     from stepflash.chat import ChatTemplate
     from stepflash.checkpoint import load_model
-    from stepflash.posttrain.sft import save_checkpoint_dir
+    from stepflash.checkpoint.run import save_model_dir
     from stepflash.posttrain.recipe_train import train_supervised
     from stepflash.posttrain.sft import tokenize_conversation
     from stepflash.tokenizer import load_tokenizer
@@ -118,7 +118,7 @@ def consolidate(ctx, out: str) -> None:
         ctx.say(f"2_consolidated: warning: no verified samples for {', '.join(missing)}; the student sees none")
     if len(missing) == len(DOMAINS):
         ctx.say("2_consolidated: warning: nothing to train on; the student is 0_sft unchanged")
-        save_checkpoint_dir(student, sft_dir, out)
+        save_model_dir(student, sft_dir, out)
         return
     teachers = None
     if a.kl_weight > 0:
@@ -126,7 +126,7 @@ def consolidate(ctx, out: str) -> None:
     train_supervised(student, examples, tok.token_to_id("<|pad|>") or 0, a.student_steps, a.student_lr, a.batch_size,
                      mtp_weight=a.mtp_weight, teachers=teachers, kl_weight=a.kl_weight, seed=a.seed, log=ctx.say,
                      log_every=100)
-    save_checkpoint_dir(student, sft_dir, out)
+    save_model_dir(student, sft_dir, out)
 
 
 # ---- the MTP phase ------------------------------------------------------------------------------
@@ -134,11 +134,11 @@ def consolidate(ctx, out: str) -> None:
 def mtp_stage(ctx, out: str) -> None:
     from stepflash.chat import ChatTemplate
     from stepflash.checkpoint import load_model
-    from stepflash.posttrain.sft import save_checkpoint_dir
-    from stepflash.rl.rollout import render_task
-    from stepflash.posttrain.sft import tokenize_conversation
-    from stepflash.tokenizer import load_tokenizer
+    from stepflash.checkpoint.run import save_model_dir
     from stepflash.posttrain.mtp_phase import accepted_length, clone_mtp_modules, train_mtp_phase
+    from stepflash.posttrain.sft import tokenize_conversation
+    from stepflash.rl.rollout import render_task
+    from stepflash.tokenizer import load_tokenizer
 
     a, src = ctx.args, ctx.path("3_final_mispo")
     tok, template = load_tokenizer(src), ChatTemplate.from_checkpoint(src)
@@ -165,4 +165,4 @@ def mtp_stage(ctx, out: str) -> None:
                 f"(per position {', '.join(f'{x:.2f}' for x in r['acceptance_per_position'])})")
     with open(ctx.path("work", "mtp.json"), "w") as f:
         json.dump(report, f, indent=1)
-    save_checkpoint_dir(model, src, out)
+    save_model_dir(model, src, out)

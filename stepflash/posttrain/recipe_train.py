@@ -1,7 +1,8 @@
 """Supervised training of the recipe's SFT start and consolidated student, on conversations of several domains.
 
 The loss is `stepflash sft`'s (`posttrain/sft.py`: conversations rendered with the chat template, cross entropy on
-assistant tokens only, AdamW with warmup and cosine decay to 10%), with two additions the recipe needs:
+assistant tokens only, AdamW with warmup and cosine decay to 10%, all from the training core `stepflash.training`),
+with two additions the recipe needs:
 - `mtp_weight`: the MTP loss of module 1 only (depth weights [1, 0, 0], the report's setting before the late
   MTP phase) on the same assistant tokens, so module 1 is trained before it is cloned;
 - `teachers` + `kl_weight`: logit distillation for consolidation: KL(expert || student) on the kept
@@ -12,32 +13,31 @@ the length of a tool conversation, which roughly halves the cost of a mixed run 
 
 from __future__ import annotations
 
-import math
 import random
-import time
 
 import torch
 import torch.nn.functional as F
 
-from stepflash.posttrain.sft import sft_batch
 from stepflash.posttrain.mtp_phase import masked_mtp_losses
+from stepflash.posttrain.sft import sft_batch
+from stepflash.training.batches import ShuffledBatches
+from stepflash.training.losses import masked_cross_entropy, masked_mean
+from stepflash.training.monitors import StepLog
+from stepflash.training.schedule import lr_factor, set_lr
 
 Example = tuple[list[int], list[int]]  # (token ids, assistant mask), from sft.tokenize_conversation
 
 
 def domain_batches(examples: dict[str, list[Example]], batch_size: int, seed: int):
-    """Endless (domain, batch) pairs: domains in turn, each reshuffled every pass over its examples."""
+    """Endless (domain, batch) pairs: domains in turn, each reshuffled every pass over its examples (one
+    random stream for all domains)."""
     rng = random.Random(seed)
-    domains = [d for d in examples if examples[d]]
-    if not domains:
+    samplers = {d: ShuffledBatches(len(exs), batch_size, rng=rng) for d, exs in examples.items() if exs}
+    if not samplers:
         raise ValueError("no examples in any domain")
-    orders = {d: [] for d in domains}
     while True:
-        for d in domains:
-            if len(orders[d]) < batch_size:
-                orders[d] += rng.sample(range(len(examples[d])), len(examples[d]))
-            take, orders[d] = orders[d][:batch_size], orders[d][batch_size:]
-            yield d, [examples[d][i] for i in take]
+        for d, sampler in samplers.items():
+            yield d, [examples[d][i] for i in sampler.next()]
 
 
 def distill_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -45,7 +45,7 @@ def distill_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask:
     log_s = F.log_softmax(student_logits.float(), dim=-1)
     log_t = F.log_softmax(teacher_logits.float(), dim=-1)
     kl = (log_t.exp() * (log_t - log_s)).sum(-1)  # [B, T]
-    return (kl * mask).sum() / mask.sum().clamp(min=1)
+    return masked_mean(kl, mask)
 
 
 def supervised_loss(model, ids: torch.Tensor, mask: torch.Tensor, mtp_weight: float = 0.0, teacher=None,
@@ -53,8 +53,7 @@ def supervised_loss(model, ids: torch.Tensor, mask: torch.Tensor, mtp_weight: fl
     """CE on assistant tokens (+ module-1 MTP CE, + KL to the teacher); ids [B, S], mask [B, S-1]."""
     h = model.trunk(ids[:, :-1])  # [B, S-1, hidden]
     logits = model.head(h)  # [B, S-1, V]
-    ce = F.cross_entropy(logits.float().transpose(1, 2), ids[:, 1:], reduction="none")  # [B, S-1]
-    main = (ce * mask).sum() / mask.sum().clamp(min=1)
+    main = masked_cross_entropy(logits, ids[:, 1:], mask)
     total, parts = main, {"ce": float(main.detach())}
     if mtp_weight > 0 and model.mtp_layers:
         mtp = masked_mtp_losses(model, ids, mask, h, depth=1)[0]
@@ -75,25 +74,16 @@ def train_supervised(model, examples: dict[str, list[Example]], pad_id: int, ste
     """Train `model` in place for `steps` batches; returns the mean of the last 10 steps' loss parts."""
     opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
     batches = domain_batches(examples, batch_size, seed)
+    progress = StepLog("  supervised", steps, log_every, log)
     model.train()
-    history, t0 = [], time.time()
     for step in range(steps):
-        factor = 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / steps))
-        for g in opt.param_groups:
-            g["lr"] = lr * min(1.0, (step + 1) / 10) * factor
+        set_lr(opt, lr_factor(step, 10, steps, 0.1))
         domain, batch = next(batches)
         ids, mask = sft_batch(batch, pad_id)
-        teacher = (teachers or {}).get(domain)
-        loss, parts = supervised_loss(model, ids, mask, mtp_weight, teacher, kl_weight)
+        loss, parts = supervised_loss(model, ids, mask, mtp_weight, (teachers or {}).get(domain), kl_weight)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
-        history.append(parts)
-        if log_every and (step + 1) % log_every == 0:
-            recent = history[-log_every:]
-            means = {k: sum(p.get(k, 0.0) for p in recent) / len(recent) for k in recent[-1]}
-            log(f"  step {step + 1}/{steps} " + " ".join(f"{k} {v:.4f}" for k, v in means.items())
-                + f" ({time.time() - t0:.0f}s)")
-    tail = history[-10:]
-    return {k: sum(p.get(k, 0.0) for p in tail) / len(tail) for k in tail[-1]}
+        progress.add(step + 1, parts)
+    return progress.mean(10)

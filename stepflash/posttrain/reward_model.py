@@ -16,10 +16,8 @@ the tokenizer is CHECKPOINT/tokenizer.json; DIR receives the reward model and a 
 
 from __future__ import annotations
 
-import json
+import math
 import os
-import random
-import time
 from dataclasses import dataclass, field
 
 import torch
@@ -27,6 +25,8 @@ import torch.nn.functional as F
 
 from stepflash.errors import UserError
 from stepflash.rl.critic import CriticModel
+from stepflash.training.batches import ShuffledBatches, pad_right, read_jsonl
+from stepflash.training.monitors import StepLog
 
 
 class RewardModel(CriticModel):
@@ -67,34 +67,17 @@ def encode(tokenizer, prompt: str, response: str, max_len: int) -> list[int]:
 
 
 def collate(seqs: list[list[int]], pad_id: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-pad token lists -> (ids [B, T], mask [B, T])."""
-    t = max(1, max(len(s) for s in seqs))
-    ids = torch.full((len(seqs), t), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), t), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        ids[i, : len(s)] = torch.tensor(s, dtype=torch.long)
-        mask[i, : len(s)] = 1
-    return ids.to(device), mask.to(device)
+    """Right-pad token lists -> (ids [B, T], mask [B, T]) on `device`."""
+    ids, mask = pad_right(seqs, pad_id)
+    return ids.to(device), mask.long().to(device)
 
 
 def read_pairs(path: str) -> list[dict]:
-    if not os.path.isfile(path):
-        raise UserError(f"preference data {path} does not exist")
     pairs = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise UserError(f"{path}:{n} is not valid JSON: {e}")
-            fields = ("prompt", "chosen", "rejected")
-            if not isinstance(row, dict) or not all(isinstance(row.get(k), str) for k in fields):
-                raise UserError(f"{path}:{n} needs string fields 'prompt', 'chosen' and 'rejected'")
-            pairs.append(row)
-    if not pairs:
-        raise UserError(f"{path} holds no preference pairs")
+    for n, row in read_jsonl(path, "preference pairs"):
+        if not all(isinstance(row.get(k), str) for k in ("prompt", "chosen", "rejected")):
+            raise UserError(f"{path}:{n} needs string fields 'prompt', 'chosen' and 'rejected'")
+        pairs.append(row)
     return pairs
 
 
@@ -152,18 +135,14 @@ def run(args: RMTrainArgs) -> int:
     if args.train_trunk:
         groups.append({"params": rm.model.parameters(), "lr": args.lr})
     optimizer = torch.optim.AdamW(groups, weight_decay=0.0)
-    rng = random.Random(args.seed)
-    step, start = 0, time.time()
-    for epoch in range(args.epochs):
-        order = list(range(len(pairs)))
-        rng.shuffle(order)
-        for i in range(0, len(order), args.batch_size):
-            loss, acc = train_step(rm, optimizer, [pairs[j] for j in order[i: i + args.batch_size]], tokenizer,
-                                   args.max_len, args.device)
-            step += 1
-            if step % args.log_every == 0 or step == 1:
-                print(f"epoch {epoch} step {step}: loss {loss:.4f} accuracy {acc:.2f} ({time.time() - start:.0f}s)")
+    steps = math.ceil(args.epochs * len(pairs) / args.batch_size)  # --epochs passes over the pairs
+    batches = ShuffledBatches(len(pairs), min(args.batch_size, len(pairs)), args.seed)
+    progress = StepLog("rm train", steps, args.log_every)
+    for step in range(1, steps + 1):
+        loss, acc = train_step(rm, optimizer, [pairs[j] for j in batches.next()], tokenizer, args.max_len,
+                               args.device)
+        progress.add(step, {"loss": loss, "accuracy": acc})
     rm.save(args.out)
     save_tokenizer(args.checkpoint, args.out)
-    print(f"reward model written to {args.out} ({step} steps, final loss {loss:.4f})")
+    print(f"reward model written to {args.out} ({steps} steps, loss {loss:.4f} at the last step)")
     return 0

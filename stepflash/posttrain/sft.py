@@ -11,26 +11,31 @@ character offsets, so it works for any template that writes ChatML-style headers
 Built-in data: `--task arithmetic|countdown` writes prompt -> answer conversations from the procedural
 tasks' train split with a one-line reasoning ("3 + 5 = 8"), so a demo needs no download.
 
-Starting point: a checkpoint directory, or (for demos) a preset name (`tiny`, `small`, `demo`) or a config
-json, which starts from random weights. Without a tokenizer in the checkpoint a small BPE is trained on the
-SFT data with digits kept as single tokens (`build_task_tokenizer`), and a fresh model's vocabulary is sized
-to it. The result (weights, config, tokenizer) is written to a temporary directory and renamed to `--out`.
+Starting point: a checkpoint directory, or (for demos) a preset name (`tiny`, `small`, `flash`, or `demo`, the
+~1M-parameter RL demo model) or a config json, which starts from random weights. Without a tokenizer in the
+checkpoint a small BPE is trained on the SFT data with digits kept as single tokens (`build_task_tokenizer`),
+and a fresh model's vocabulary is sized to it. The result (weights, config, tokenizer) is written to a temporary directory and renamed to `--out`.
+
+The loop is the shared training core's (`stepflash.training`: `ShuffledBatches`, `lr_factor` with a 10-step
+warmup and cosine decay to 10%, `masked_cross_entropy`, `StepLog`); under torchrun the model is FSDP-sharded
+by the `Runtime`.
 """
 
 from __future__ import annotations
 
-import json
-import math
 import os
-import random
-import shutil
 import time
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 
+from stepflash.config import ConfigError
+from stepflash.distributed.runtime import Runtime
 from stepflash.errors import UserError
+from stepflash.training.batches import ShuffledBatches, pad_right, read_jsonl
+from stepflash.training.losses import masked_cross_entropy
+from stepflash.training.monitors import StepLog
+from stepflash.training.schedule import lr_factor, set_lr
 
 ASSISTANT_HEADER = "<|im_start|>assistant\n"
 TURN_END = "<|im_end|>"
@@ -40,8 +45,9 @@ TURN_END = "<|im_end|>"
 class SFTArgs:
     """Supervised fine-tuning on chat conversations (loss on assistant tokens only)."""
 
-    checkpoint: str = field(metadata={"positional": True, "help": "checkpoint dir, or a preset (tiny/small/demo) "
-                                                                  "or config.json to start from random weights"})
+    checkpoint: str = field(metadata={"positional": True, "help": "checkpoint dir, or a preset (tiny, small, flash, or "
+                                                                  "demo: the 1M RL demo model) or config.json to "
+                                                                  "start from random weights"})
     out: str = field(default="", metadata={"help": "output checkpoint directory"})
     data: str | None = field(default=None, metadata={"help": "JSONL of {\"messages\": [...]} conversations"})
     task: str | None = field(default=None, metadata={"help": "make the data from a procedural task "
@@ -88,40 +94,20 @@ def task_options(family: str, digits, ops: str, terms) -> dict:
 
 
 def read_conversations(path: str) -> list[dict]:
-    if not os.path.isfile(path):
-        raise UserError(f"no SFT data file at {path}")
     convs = []
-    with open(path) as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError:
-                raise UserError(f"{path}:{n}: not valid JSON") from None
-            if not isinstance(obj, dict) or not isinstance(obj.get("messages"), list):
-                raise UserError(f"{path}:{n}: expected an object with a \"messages\" list")
-            convs.append(obj)
-    if not convs:
-        raise UserError(f"{path} holds no conversations")
+    for n, obj in read_jsonl(path, "conversations"):
+        if not isinstance(obj.get("messages"), list):
+            raise UserError(f"{path}:{n}: expected an object with a \"messages\" list")
+        convs.append(obj)
     return convs
 
 
 def build_task_tokenizer(texts: list[str], vocab_size: int = 384):
     """A byte-level BPE trained on `texts` with every digit its own token (numbers stay digit-level, which a
     small model learns arithmetic on far more easily); special tokens at ids 0..10 as everywhere."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from stepflash.tokenizer import train_tokenizer
 
-    from stepflash.tokenizer import SPECIAL_TOKENS
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
-                                                 pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)])
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, min_frequency=2,
-                                  show_progress=False, initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(texts, trainer=trainer)
-    return tok
+    return train_tokenizer(texts, vocab_size, split_digits=True)
 
 
 # ---- the assistant mask ---------------------------------------------------------------------------
@@ -154,20 +140,13 @@ def tokenize_conversation(tok, template, conv: dict, max_len: int) -> tuple[list
 
 def sft_batch(examples: list[tuple[list[int], list[int]]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Right-padded ids [B, S] and a target mask [B, S-1] (1 where ids[:, 1:] is an assistant token)."""
-    S = max(len(ids) for ids, _ in examples)
-    ids = torch.full((len(examples), S), pad_id, dtype=torch.long)
-    mask = torch.zeros(len(examples), S, dtype=torch.float32)
-    for i, (x, m) in enumerate(examples):
-        ids[i, : len(x)] = torch.tensor(x)
-        mask[i, : len(m)] = torch.tensor(m, dtype=torch.float32)
+    ids, mask = pad_right([x for x, _ in examples], pad_id, [m for _, m in examples])
     return ids, mask[:, 1:]
 
 
 def sft_loss(model, ids: torch.Tensor, target_mask: torch.Tensor) -> torch.Tensor:
     """Mean cross entropy over assistant target tokens."""
-    logits = model(ids[:, :-1])  # [B, S-1, V]
-    ce = F.cross_entropy(logits.float().transpose(1, 2), ids[:, 1:], reduction="none")  # [B, S-1]
-    return (ce * target_mask).sum() / target_mask.sum().clamp(min=1)
+    return masked_cross_entropy(model(ids[:, :-1]), ids[:, 1:], target_mask)  # logits [B, S-1, V]
 
 
 # ---- model and run ------------------------------------------------------------------------------
@@ -197,7 +176,11 @@ def load_start(checkpoint: str, texts: list[str], seed: int):
         return model, tok
     tok = load_tokenizer(checkpoint) if os.path.isfile(os.path.join(checkpoint, "tokenizer.json")) \
         else build_task_tokenizer(texts)
-    cfg = demo_config(tok.get_vocab_size()) if checkpoint == "demo" else resolve_config(checkpoint)
+    try:
+        cfg = demo_config(tok.get_vocab_size()) if checkpoint == "demo" else resolve_config(checkpoint)
+    except ConfigError:
+        raise UserError(f"{checkpoint!r} is neither a checkpoint directory (with config.json), a preset (tiny, "
+                        "small, flash, or demo) nor a config.json file") from None
     ids = [tok.token_to_id(s) for s in ("<|eos|>", "<|im_end|>")]
     cfg = cfg.replace(vocab_size=tok.get_vocab_size(), torch_dtype="float32",
                       eos_token_id=[i for i in ids if i is not None], bos_token_id=tok.token_to_id("<|bos|>") or 0)
@@ -207,42 +190,21 @@ def load_start(checkpoint: str, texts: list[str], seed: int):
     return model.float(), tok
 
 
-def save_checkpoint_dir(model, tok, out: str) -> None:
-    """Weights, config and tokenizer (a Tokenizer, or the path of one to copy) into a temporary sibling directory, then renamed to `out`."""
-    from stepflash.checkpoint import save_model
-    from stepflash.checkpoint.run import replace_dir
-
-    out = os.path.abspath(out)
-    tmp = out + ".tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    save_model(model, tmp, tokenizer=tok)  # + tokenizer files and generation_config.json
-    replace_dir(tmp, out)
-
-
 def train_sft(args: SFTArgs) -> dict:
     """Fine-tune and save. Under torchrun (WORLD_SIZE > 1) the model is FSDP-sharded over the processes, each
     takes its slice of every step's batch (--batch-size stays the global batch), rank 0 prints and saves."""
     from stepflash.distributed.launch import torchrun_session, under_torchrun
 
     if under_torchrun():
-        with torchrun_session() as session:
-            return _train_sft(args, session)
-    return _train_sft(args)
+        with torchrun_session() as rt:
+            return _train_sft(args, rt)
+    return _train_sft(args, Runtime())
 
 
-def _train_sft(args: SFTArgs, session=None) -> dict:
+def _examples(args: SFTArgs):
+    """(model, tokenizer, tokenized conversations) for the run."""
     from stepflash.chat import ChatTemplate
 
-    if not args.out:
-        raise UserError("--out is required (the directory to write the fine-tuned checkpoint to)")
-    if (args.data is None) == (args.task is None):
-        raise UserError("give exactly one of --data FILE.jsonl or --task arithmetic|countdown")
-    if args.steps < 1 or args.batch_size < 1:
-        raise UserError("--steps and --batch-size must be >= 1")
-    if session is not None and args.batch_size % session.world_size:
-        raise UserError(f"--batch-size {args.batch_size} must be a multiple of the {session.world_size} processes")
-    if args.threads > 0:
-        torch.set_num_threads(args.threads)
     if args.task:
         convs = task_conversations(args.task, args.num_examples, seed=args.seed,
                                    **task_options(args.task, args.task_digits, args.task_ops, args.task_terms))
@@ -251,53 +213,58 @@ def _train_sft(args: SFTArgs, session=None) -> dict:
     template = ChatTemplate.from_checkpoint(args.checkpoint) if os.path.isdir(args.checkpoint) else ChatTemplate()
     texts = [template.render(c["messages"], add_generation_prompt=False) for c in convs]
     model, tok = load_start(args.checkpoint, texts, args.seed)
-    pad = tok.token_to_id("<|pad|>") or 0
     examples = [tokenize_conversation(tok, template, c, args.max_len) for c in convs]
     if not any(sum(m) for _, m in examples):
         raise UserError("no assistant tokens in the data: nothing to train on")
+    return model, tok, examples
+
+
+def _train_sft(args: SFTArgs, rt: Runtime) -> dict:
+    from stepflash.checkpoint.run import save_model_dir
+
+    if not args.out:
+        raise UserError("--out is required (the directory to write the fine-tuned checkpoint to)")
+    if (args.data is None) == (args.task is None):
+        raise UserError("give exactly one of --data FILE.jsonl or --task arithmetic|countdown")
+    if args.steps < 1 or args.batch_size < 1:
+        raise UserError("--steps and --batch-size must be >= 1")
+    if args.batch_size % rt.world_size:
+        raise UserError(f"--batch-size {args.batch_size} must be a multiple of the {rt.world_size} processes")
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    model, tok, examples = _examples(args)
+    pad = tok.token_to_id("<|pad|>") or 0
     os.makedirs(args.out, exist_ok=True)
-    if session is not None:
-        model = session.parallelize(model)
+    model = rt.parallelize(model)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.0)
-    rng = random.Random(args.seed)
-    order: list[int] = []
+    batches = ShuffledBatches(len(examples), args.batch_size, args.seed)
+    log = StepLog("sft", args.steps, args.log_every, enabled=rt.is_main)
     model.train()
-    t0, losses = time.time(), []
+    t0 = time.time()
     for step in range(args.steps):
-        factor = 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / args.steps))
-        for g in opt.param_groups:
-            g["lr"] = args.lr * min(1.0, (step + 1) / 10) * factor
-        if len(order) < args.batch_size:
-            order += rng.sample(range(len(examples)), len(examples))
-        batch, order = [examples[i] for i in order[: args.batch_size]], order[args.batch_size:]
-        ids, mask = sft_batch(session.shard(batch) if session else batch, pad)
-        loss = sft_loss(model, ids, mask)
-        if session is not None:  # this rank's share of the token mean over the whole batch
-            loss = loss * session.token_weight(mask.sum())
+        set_lr(opt, lr_factor(step, 10, args.steps, 0.1))
+        batch = [examples[i] for i in batches.next()]
+        lo, hi = rt.span(len(batch))
+        ids, mask = sft_batch(batch[lo:hi], pad)
+        # This rank's share of the token mean over the whole batch (FSDP averages the ranks' gradients).
+        loss = sft_loss(model, ids, mask) * rt.token_weight(mask.sum())
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        if session is not None:
-            session.clip_grad_norm(model, 1.0)
-        else:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        rt.clip_grad_norm(model, 1.0)
         opt.step()
-        losses.append(session.mean(loss.item()) if session else loss.item())
-        if args.log_every and (step + 1) % args.log_every == 0 and (session is None or session.is_main):
-            print(f"sft step {step + 1}/{args.steps} loss {sum(losses[-args.log_every:]) / args.log_every:.4f} "
-                  f"({time.time() - t0:.0f}s)", flush=True)
-    if session is not None:
-        model = session.gather(model)  # the whole model on rank 0, None elsewhere
-    if model is not None:
-        save_checkpoint_dir(model, tok, args.out)
-    if session is not None:
-        session.barrier()
-    return {"final_loss": sum(losses[-10:]) / len(losses[-10:]), "steps": args.steps, "seconds": time.time() - t0,
-            "losses": losses, "rank": session.rank if session else 0}
+        log.add(step + 1, {"loss": rt.mean(loss.item())})
+    plain = rt.gather_model(model)  # the whole model on rank 0, None elsewhere
+    if plain is not None:
+        save_model_dir(plain, tok, args.out)
+    rt.barrier()
+    losses = [r["loss"] for r in log.history]
+    return {"final_loss": losses[-1], "mean_loss_last_10": log.mean(10)["loss"], "steps": args.steps,
+            "seconds": time.time() - t0, "losses": losses, "rank": rt.rank}
 
 
 def run(args: SFTArgs) -> int:
     summary = train_sft(args)
     if summary["rank"] == 0:
-        print(f"sft done: loss {summary['final_loss']:.4f} after {summary['steps']} steps "
-              f"({summary['seconds']:.0f}s); checkpoint in {args.out}")
+        print(f"sft done after {summary['steps']} steps ({summary['seconds']:.0f}s): loss {summary['final_loss']:.4f} "
+              f"at the last step, {summary['mean_loss_last_10']:.4f} mean of the last 10; checkpoint in {args.out}")
     return 0

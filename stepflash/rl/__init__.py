@@ -7,8 +7,8 @@ Everything here is engine-independent and pure where it can be: the losses take 
 """
 
 from stepflash.rl.advantages import gae, value_loss, whiten
-from stepflash.rl.losses import (grpo_advantages, kl_k3, kl_penalty, mispo_loss, mispo_masks, ppo_clip_loss,
-                                 reduce_loss, token_logprobs)
+from stepflash.rl.losses import grpo_advantages, kl_k3, kl_penalty, mispo_loss, mispo_masks, ppo_clip_loss, reduce_loss
+from stepflash.training.losses import token_logprobs
 
 __all__ = ["gae", "value_loss", "whiten", "grpo_advantages", "kl_k3", "kl_penalty", "mispo_loss", "mispo_masks",
            "ppo_clip_loss", "reduce_loss", "token_logprobs"]

@@ -18,7 +18,6 @@ from __future__ import annotations
 import os
 
 import torch
-from safetensors.torch import load_file, save_file
 from torch import nn
 
 from stepflash.model import Step35ForCausalLM
@@ -52,16 +51,13 @@ class CriticModel(nn.Module):
         """input_ids [B, T] -> values [B, T] (fp32)."""
         return self.value_head(self.hidden(input_ids, position_ids))
 
-    # ---- persistence ------------------------------------------------------------------------
+    # ---- persistence (the files: stepflash.checkpoint.run) ------------------------------------------
     def save(self, path: str, max_shard_size: int | str = "5GB") -> None:
         from stepflash.checkpoint import save_model
+        from stepflash.checkpoint.run import save_tensors
 
         save_model(self.model, path, max_shard_size=max_shard_size)
-        head = {"weight": self.value_head.proj.weight.detach().float().cpu().contiguous(),
-                "bias": self.value_head.proj.bias.detach().float().cpu().contiguous()}
-        tmp = os.path.join(path, VALUE_HEAD_FILE + ".tmp")
-        save_file(head, tmp, metadata={"format": "pt"})
-        os.replace(tmp, os.path.join(path, VALUE_HEAD_FILE))
+        save_tensors(path, VALUE_HEAD_FILE, {"weight": self.value_head.proj.weight, "bias": self.value_head.proj.bias})
 
     @classmethod
     def load(cls, path: str, dtype: torch.dtype | None = None, device: str | torch.device = "cpu",
@@ -69,16 +65,16 @@ class CriticModel(nn.Module):
         """Base model plus value head from `path`. require_head=False starts a fresh (zero) head when the
         directory holds a plain language model (e.g. a critic initialised from the policy)."""
         from stepflash.checkpoint import load_model
+        from stepflash.checkpoint.run import load_tensors
 
-        head_path = os.path.join(path, VALUE_HEAD_FILE)
-        if require_head and not os.path.isfile(head_path):
+        head = load_tensors(path, VALUE_HEAD_FILE, device)
+        if require_head and head is None:
             raise FileNotFoundError(f"no {VALUE_HEAD_FILE} in {path} (not a critic or reward model directory)")
         obj = cls(load_model(path, dtype=dtype, device=device))
-        if os.path.isfile(head_path):
-            state = load_file(head_path, device=str(device))
+        if head is not None:
             expected = tuple(obj.value_head.proj.weight.shape)
-            if tuple(state["weight"].shape) != expected:
-                raise ValueError(f"{head_path}: weight shape {list(state['weight'].shape)} does not match "
-                                 f"the model's hidden size (expected {list(expected)})")
-            obj.value_head.proj.load_state_dict({"weight": state["weight"].float(), "bias": state["bias"].float()})
+            if tuple(head["weight"].shape) != expected:
+                raise ValueError(f"{os.path.join(path, VALUE_HEAD_FILE)}: weight shape {list(head['weight'].shape)} "
+                                 f"does not match the model's hidden size (expected {list(expected)})")
+            obj.value_head.proj.load_state_dict({"weight": head["weight"].float(), "bias": head["bias"].float()})
         return obj

@@ -12,20 +12,20 @@ fit every rank). What makes a step of N ranks equal the one-process step on the 
   `gather` pads them to the step's longest sequence and all-gathers batch and scores. Every rank then
   holds the whole scored batch, so the logged rollout metrics, the advantages (GRPO groups included)
   and the mini-batch permutation are the one-process ones, with no further collective.
-- Updates. Each mini-batch of the global permutation is split over the ranks (`local_rows`); a rank's
-  loss, normalised over its own rows, is multiplied by `share` (its part of the mini-batch's
-  normaliser) and the gradients are summed over ranks (`Session.sum_grads`): the sum is the gradient of
-  the whole mini-batch's loss. All ranks apply the same summed gradient, so their weights stay equal,
-  and each takes every optimiser step, also when its part of a small mini-batch is empty.
+- Updates. Each mini-batch of the global permutation is split over the ranks (`Runtime.span`); a rank's
+  loss, normalised over its own rows, is multiplied by `share` (its part of the mini-batch's normaliser)
+  and by the world size, and trained through torch's DistributedDataParallel (`Runtime.replicate`),
+  whose gradient average over ranks is then the gradient of the whole mini-batch's loss. All ranks apply
+  the same gradient, so their weights stay equal, and each takes every optimiser step: a rank whose part
+  of a small mini-batch is empty runs one row with weight 0, because DDP's all-reduce needs every rank.
 """
 
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 
-from stepflash.distributed.launch import Session
+from stepflash.distributed.runtime import Runtime
 from stepflash.rl.rollout import RolloutBatch
 
 
@@ -39,66 +39,31 @@ def share(local_mask: torch.Tensor, global_mask: torch.Tensor, normalization: st
     return 1.0  # "none": a plain sum over tokens is already additive over ranks
 
 
-class RankGroup:
-    """This rank's view of an RL step split over a torchrun launch (module docstring)."""
+def local_rows(rt: Runtime, idx: torch.Tensor) -> torch.Tensor:
+    """This rank's contiguous part of a mini-batch's row indices."""
+    lo, hi = rt.span(len(idx))
+    return idx[lo:hi]
 
-    def __init__(self, session: Session):
-        self.session = session
 
-    @property
-    def rank(self) -> int:
-        return self.session.rank
+def gather_batch(rt: Runtime, batch: RolloutBatch, scores: dict, pad_id: int) -> tuple[RolloutBatch, dict]:
+    """The whole step's batch and scores from every rank's own (collective). 2-D tensors are padded on the
+    right to the longest sequence of any rank (ids with pad_id, the rest with 0: masked anyway); group
+    indices are offset so that rank r's prompts follow rank r-1's. Texts stay behind."""
+    s_local = batch.ids.shape[1]
+    s = int(rt.max(s_local))
 
-    @property
-    def world_size(self) -> int:
-        return self.session.world_size
+    def whole(t: torch.Tensor | None, value: float = 0) -> torch.Tensor | None:
+        if t is None:
+            return None
+        if t.dim() == 2:  # [b, S] or [b, S-1]: keep the offset to the sequence length
+            t = F.pad(t, (0, s - s_local), value=value)
+        return rt.all_gather(t)
 
-    @property
-    def is_main(self) -> bool:
-        return self.session.is_main
-
-    def span(self, n: int) -> tuple[int, int]:
-        """[lo, hi) of this rank's contiguous share of n items (sizes differ by at most one)."""
-        return n * self.rank // self.world_size, n * (self.rank + 1) // self.world_size
-
-    def local_rows(self, idx: torch.Tensor) -> torch.Tensor:
-        lo, hi = self.span(len(idx))
-        return idx[lo:hi]
-
-    def sum(self, values: list[float]) -> list[float]:
-        """Element-wise sum over ranks (collective)."""
-        t = torch.tensor(values, dtype=torch.float64)
-        self.session.all_reduce(t)
-        return t.tolist()
-
-    def sum_grads(self, params) -> None:
-        self.session.sum_grads(params)
-
-    def barrier(self) -> None:
-        self.session.barrier()
-
-    def gather(self, batch: RolloutBatch, scores: dict, pad_id: int) -> tuple[RolloutBatch, dict]:
-        """The whole step's batch and scores from every rank's own (collective). 2-D tensors are padded on
-        the right to the longest sequence of any rank (ids with pad_id, the rest with 0: masked anyway);
-        group indices are offset so that rank r's prompts follow rank r-1's. Texts stay behind."""
-        s_local = batch.ids.shape[1]
-        s = torch.tensor([s_local])
-        self.session.all_reduce(s, op=dist.ReduceOp.MAX)
-        s = int(s)
-
-        def whole(t: torch.Tensor | None, value: float = 0) -> torch.Tensor | None:
-            if t is None:
-                return None
-            if t.dim() == 2:  # [b, S] or [b, S-1]: keep the offset to the sequence length
-                t = F.pad(t, (0, s - s_local), value=value)
-            return self.session.all_gather(t)
-
-        prompts_here = int(batch.group.max()) + 1  # every rank rolls out the same number of prompts
-        whole_batch = RolloutBatch(whole(batch.ids, pad_id), whole(batch.response_mask),
-                                   whole(batch.behavior_logprobs), whole(batch.last_pos), whole(batch.rewards),
-                                   whole(batch.truncated.long()).bool(),
-                                   whole(batch.group + self.rank * prompts_here))
-        return whole_batch, {k: whole(v) for k, v in scores.items()}
+    prompts_here = int(batch.group.max()) + 1  # every rank rolls out the same number of prompts
+    whole_batch = RolloutBatch(whole(batch.ids, pad_id), whole(batch.response_mask), whole(batch.behavior_logprobs),
+                               whole(batch.last_pos), whole(batch.rewards), whole(batch.truncated.long()).bool(),
+                               whole(batch.group + rt.rank * prompts_here))
+    return whole_batch, {k: whole(v) for k, v in scores.items()}
 
 
 MOMENTS = ("count", "sum_r", "sum_r2", "sum_d", "sum_d2")

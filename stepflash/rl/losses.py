@@ -29,7 +29,6 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 
 NORMALIZATIONS = ("token", "sequence", "none")
 
@@ -187,9 +186,3 @@ def kl_penalty(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, response_mask
     _check("ref_logprobs", ref_logprobs, logprobs.shape)
     _check("response_mask", response_mask, logprobs.shape)
     return coef * reduce_loss(kl_k3(logprobs, ref_logprobs.detach()), response_mask, normalization)
-
-
-def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-    """log softmax(logits)[token]: logits [B, T, V] (fp32 softmax), tokens [B, T] -> [B, T].
-    For a sequence ids [B, S]: token_logprobs(model(ids)[:, :-1], ids[:, 1:])."""
-    return torch.gather(F.log_softmax(logits.float(), dim=-1), -1, tokens.unsqueeze(-1)).squeeze(-1)

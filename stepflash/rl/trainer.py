@@ -23,8 +23,8 @@ draws depend only on (seed, step), so a resumed run repeats the uninterrupted on
 Held-out tasks give `test_accuracy` (greedy) at step 0, every `eval_every` steps and at the end, and with
 `eval_samples` K also `test_accuracy_sampled`, the mean reward of K samples per task at the rollout
 temperature, always on the same seed so that checkpoints compare. Steps 2-5 live in `step.py`; under
-torchrun every process runs them on its share of the step (`data_parallel.py`) and the run equals the
-one-process run of the same flags.
+torchrun every process runs them on its share of the step, training through torch's DDP
+(`data_parallel.py`), and the run equals the one-process run of the same flags.
 """
 
 from __future__ import annotations
@@ -39,8 +39,8 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
+from stepflash.distributed.runtime import Runtime
 from stepflash.errors import UserError
-from stepflash.rl.data_parallel import RankGroup
 from stepflash.rl.rollout import RolloutWorker, collect_rollouts, heldout_accuracy, render_task, task_reward
 from stepflash.rl.step import State, train_step
 from stepflash.tasks.rewards.code_verifier import take_verdict_counts
@@ -124,14 +124,17 @@ def check_args(a: RLArgs) -> None:
 def load_tasks(a: RLArgs) -> tuple[list, list]:
     """(train pool, held-out test tasks) for --task."""
     from stepflash.tasks.generators import Task, make_tasks, split_of
+    from stepflash.training.batches import read_jsonl
 
     if a.task == "math":
-        if not a.data or not os.path.isfile(a.data):
+        if not a.data:
             raise UserError("--task math needs --data FILE.jsonl with {\"prompt\", \"answer\"} lines")
-        with open(a.data) as f:
-            rows = [json.loads(line) for line in f if line.strip()]
-        tasks = [Task(r.get("prompt") or r["problem"], str(r["answer"]), "math", key=f"math:{r.get('prompt') or r['problem']}")
-                 for r in rows]
+        tasks = []
+        for n, r in read_jsonl(a.data, "math problems"):
+            question = r.get("prompt") or r.get("problem")
+            if not isinstance(question, str) or "answer" not in r:
+                raise UserError(f"{a.data}:{n}: a math problem needs \"prompt\" (or \"problem\") and \"answer\"")
+            tasks.append(Task(question, str(r["answer"]), "math", key=f"math:{question}"))
         return [t for t in tasks if split_of(t.key) == "train"], [t for t in tasks if split_of(t.key) == "test"]
     options = {}
     if a.task == "arithmetic":
@@ -142,10 +145,10 @@ def load_tasks(a: RLArgs) -> tuple[list, list]:
 
 # ---- the run ------------------------------------------------------------------------------------
 
-def code_verdict_metrics(dp: RankGroup | None) -> dict:
+def code_verdict_metrics(rt: Runtime) -> dict:
     """Tests per code-reward verdict (passed, wrong answer, timeout, ...) since the last call, summed over ranks."""
     counts = take_verdict_counts()
-    totals = dp.sum([float(c) for c in counts.values()]) if dp is not None else list(counts.values())
+    totals = rt.sum([float(c) for c in counts.values()])
     return {f"code_{name.replace(' ', '_')}": int(n) for name, n in zip(counts, totals)}
 
 
@@ -180,13 +183,12 @@ def restore(st: State, state: dict) -> int:
     return int(state["step"])
 
 
-def heldout(a: RLArgs, engine, tok, tasks: list, prompts: list, stop_ids, reward_fn,
-            dp: RankGroup | None = None) -> dict:
+def heldout(a: RLArgs, engine, tok, tasks: list, prompts: list, stop_ids, reward_fn, rt: Runtime) -> dict:
     """test_accuracy (greedy) and, with --eval-samples K, test_accuracy_sampled (mean reward of K samples per
     task at --temperature, always on the same seed). Under torchrun each rank answers a slice of the tasks."""
     if not prompts:
         return {"test_accuracy": None}
-    lo, hi = (0, len(prompts)) if dp is None else dp.span(len(prompts))
+    lo, hi = rt.span(len(prompts))
     modes = [("test_accuracy", 0.0, 1)]
     if a.eval_samples > 0:
         modes.append(("test_accuracy_sampled", a.temperature, a.eval_samples))
@@ -195,7 +197,7 @@ def heldout(a: RLArgs, engine, tok, tasks: list, prompts: list, stop_ids, reward
         acc = heldout_accuracy(engine, tok, tasks[lo:hi], prompts[lo:hi], a.max_new_tokens, stop_ids, reward_fn,
                                a.max_batch_size, temperature=temperature, samples=k,
                                seed=EVAL_SEED + a.seed + lo * k) if hi > lo else 0.0
-        out[key] = acc if dp is None else dp.sum([acc * (hi - lo)])[0] / len(prompts)
+        out[key] = acc if not rt.distributed else rt.sum([acc * (hi - lo)])[0] / len(prompts)
     return out
 
 
@@ -209,17 +211,17 @@ def train_rl(a: RLArgs, train_tasks: list | None = None, test_tasks: list | None
 
     check_args(a)
     if under_torchrun():
-        with torchrun_session(backend="gloo") as session:  # the trainer runs on CPU tensors
-            return _train_rl(a, train_tasks, test_tasks, reward_fn, log, RankGroup(session))
-    return _train_rl(a, train_tasks, test_tasks, reward_fn, log)
+        with torchrun_session(backend="gloo") as rt:  # the trainer runs on CPU tensors
+            return _train_rl(a, train_tasks, test_tasks, reward_fn, log, rt)
+    return _train_rl(a, train_tasks, test_tasks, reward_fn, log, Runtime())
 
 
-def _train_rl(a: RLArgs, train_tasks, test_tasks, reward_fn, log, dp: RankGroup | None = None) -> list[dict]:
+def _train_rl(a: RLArgs, train_tasks, test_tasks, reward_fn, log, rt: Runtime) -> list[dict]:
     from stepflash.chat import ChatTemplate
     from stepflash.checkpoint import load_model
     from stepflash.inference.engine import Engine
-    from stepflash.tokenizer import load_tokenizer
     from stepflash.checkpoint.run import latest_checkpoint, load_checkpoint, save_checkpoint
+    from stepflash.tokenizer import load_tokenizer
     from stepflash.training.monitors import MetricsLog
 
     if a.threads > 0:
@@ -232,10 +234,10 @@ def _train_rl(a: RLArgs, train_tasks, test_tasks, reward_fn, log, dp: RankGroup 
     if not train_tasks:
         raise UserError("no training tasks")
     n_prompts = min(a.prompts_per_step, len(train_tasks))
-    if dp is not None and n_prompts % dp.world_size:
-        raise UserError(f"--prompts-per-step {n_prompts} must be a multiple of the {dp.world_size} processes "
+    if n_prompts % rt.world_size:
+        raise UserError(f"--prompts-per-step {n_prompts} must be a multiple of the {rt.world_size} processes "
                         "(each rolls out an equal share)")
-    main = dp is None or dp.is_main
+    main = rt.is_main
     if not main:
         log = lambda s: None  # noqa: E731
     tok = load_tokenizer(a.checkpoint)
@@ -262,7 +264,7 @@ def _train_rl(a: RLArgs, train_tasks, test_tasks, reward_fn, log, dp: RankGroup 
     test_prompts = [encode(t) for t in test_tasks or []]
 
     def evaluate() -> dict:
-        acc = heldout(a, eval_engine, tok, test_tasks, test_prompts, stop_ids, reward_fn, dp)
+        acc = heldout(a, eval_engine, tok, test_tasks, test_prompts, stop_ids, reward_fn, rt)
         policy.train()
         return acc
 
@@ -276,9 +278,8 @@ def _train_rl(a: RLArgs, train_tasks, test_tasks, reward_fn, log, dp: RankGroup 
         rng = random.Random(f"{a.seed}:{step}")
         tasks = rng.sample(train_tasks, n_prompts)
         seed = (a.seed * 1_000_003 + step) * 10_007  # sample j of the step draws with seed + j
-        if dp is not None:  # this rank's prompts; its first sample is sample lo * k of the step
-            lo, hi = dp.span(n_prompts)
-            tasks, seed = tasks[lo:hi], seed + lo * a.samples_per_prompt
+        lo, hi = rt.span(n_prompts)  # this rank's prompts; its first sample is sample lo * k of the step
+        tasks, seed = tasks[lo:hi], seed + lo * a.samples_per_prompt
         t0 = time.time()
         take_verdict_counts()  # drop the held-out evaluation's: the step logs its rollouts' verdicts
         batch = collect_rollouts(st.worker, tok, tasks, [encode(t) for t in tasks], a.samples_per_prompt,
@@ -286,9 +287,9 @@ def _train_rl(a: RLArgs, train_tasks, test_tasks, reward_fn, log, dp: RankGroup 
                                  reward_fn=reward_fn)
         t1 = time.time()
         gen = torch.Generator().manual_seed(a.seed * 7919 + step)
-        rec = {"step": step + 1, **train_step(a, st, batch, gen, dp, pad_id)}
+        rec = {"step": step + 1, **train_step(a, st, batch, gen, rt, pad_id)}
         if a.task == "code":
-            rec.update(code_verdict_metrics(dp))
+            rec.update(code_verdict_metrics(rt))
         rec.update({"rollout_s": t1 - t0, "train_s": time.time() - t1})
         last = step + 1 == a.steps
         if (a.eval_every and (step + 1) % a.eval_every == 0) or last:
@@ -300,8 +301,7 @@ def _train_rl(a: RLArgs, train_tasks, test_tasks, reward_fn, log, dp: RankGroup 
         if (a.save_every and (step + 1) % a.save_every == 0) or last:
             if main:  # the replicas are equal: rank 0's state is the run's
                 save_checkpoint(a.out, step + 1, policy, trainer_state(st, step + 1), tokenizer_src=a.checkpoint)
-            if dp is not None:
-                dp.barrier()
+            rt.barrier()
     metrics.close()
     return records if main else []
 

@@ -381,23 +381,23 @@ def cache_dir() -> str:
     return os.environ.get("STEPFLASH_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "stepflash")
 
 
-def default_data_dir(vocab_size: int, progress: bool = True, par=None) -> str:
-    """The built-in corpus tokenized with a tokenizer of `vocab_size`, prepared once and cached. `par` (the
-    training loop's Parallel): only the main rank prepares, the others wait for it."""
-    is_main = par is None or par.is_main
+def default_data_dir(vocab_size: int, progress: bool = True, rt=None) -> str:
+    """The built-in corpus tokenized with a tokenizer of `vocab_size`, prepared once and cached. `rt` (the
+    training run's Runtime): only the main rank prepares, the others wait for it."""
+    is_main = rt is None or rt.is_main
     name = f"python{sys.version_info.major}.{sys.version_info.minor}-stdlib-v{vocab_size}"
     path = os.path.join(cache_dir(), "data", name)
     if is_main and not os.path.isfile(os.path.join(path, "meta.json")):
         print(f"preparing the built-in corpus (Python standard library) in {path} (once)", file=sys.stderr)
         prepare(PrepareArgs(input=None, out=path, vocab_size=vocab_size, progress=progress))
-    if par is not None:
-        par.sync()
+    if rt is not None:
+        rt.barrier()
     return path
 
 
-def open_training_data(args, vocab_size: int, par=None) -> tuple[TokenShards, TokenShards, str | None]:
+def open_training_data(args, vocab_size: int, rt=None) -> tuple[TokenShards, TokenShards, str | None]:
     """Train and validation windows of the data dir (the built-in corpus by default), and its tokenizer.json."""
-    data_dir = args.data or default_data_dir(vocab_size, args.progress, par)
+    data_dir = args.data or default_data_dir(vocab_size, args.progress, rt)
     train_data = TokenShards(data_dir, "train", args.seq_len + 1)
     if train_data.meta["vocab_size"] > vocab_size:
         raise UserError(f"the data's tokenizer has {train_data.meta['vocab_size']} tokens but the model's vocab is "

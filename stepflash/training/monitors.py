@@ -15,7 +15,9 @@ mean and variance, after a warm-up); the loop can then skip the optimizer step. 
 checkpoint so a resumed run makes the same decisions.
 
 `MetricsLog` appends one JSON line per log step (rank 0 only) and mirrors scalars to TensorBoard when
-the `tensorboard` package is installed.
+the `tensorboard` package is installed. `StepLog` prints a progress line for the verbs that print instead
+(sft, the MTP phase, the recipe's supervised stages, the reward model). `PeakMemory` measures the peak
+tensor memory of a block on any device (what bf16 and activation checkpointing save).
 """
 
 from __future__ import annotations
@@ -23,8 +25,13 @@ from __future__ import annotations
 import json
 import math
 import os
+import time
+import weakref
 
 import torch
+from torch.distributed.tensor import DTensor
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 
 
 class ExpertStatsWindow:
@@ -174,6 +181,63 @@ class MetricsLog:
     def close(self) -> None:
         if self.tb is not None:
             self.tb.close()
+
+
+class StepLog:
+    """A progress line every `every` steps for the verbs that print rather than plot: `NAME step i/N k v ...
+    (Ts)`, each value the mean over the steps since the previous line, written with `log` (print by default,
+    nothing when disabled, e.g. on ranks other than 0). `history` keeps every step's values."""
+
+    def __init__(self, name: str, total: int, every: int, log=print, enabled: bool = True):
+        self.name, self.total, self.every, self.log, self.enabled = name, total, every, log, enabled
+        self.history: list[dict[str, float]] = []
+        self.t0 = time.time()
+
+    def add(self, step: int, values: dict[str, float]) -> None:
+        """Record step `step` (1-based); print when it is a multiple of `every`."""
+        self.history.append(values)
+        if self.enabled and self.every and step % self.every == 0:
+            means = self.mean(self.every)
+            self.log(f"{self.name} step {step}/{self.total} " + " ".join(f"{k} {v:.4f}" for k, v in means.items())
+                     + f" ({time.time() - self.t0:.0f}s)")
+
+    def mean(self, last: int) -> dict[str, float]:
+        """Mean of each value over the last `last` steps."""
+        recent = self.history[-last:]
+        return {k: sum(r.get(k, 0.0) for r in recent) / len(recent) for k in recent[-1]} if recent else {}
+
+
+class PeakMemory(TorchDispatchMode):
+    """`with PeakMemory() as pm: ...`: pm.peak is the most tensor memory (bytes) alive at once among the tensors
+    created inside the block, on any device (CPU included, where torch keeps no allocator statistics). It
+    watches every op's outputs and their storages' lifetimes, so it measures what a change such as activation
+    checkpointing or bf16 saves, not the process's footprint. Sharded (DTensor) outputs count their local part."""
+
+    def __init__(self):
+        super().__init__()
+        self.live = self.peak = 0
+        self._alive: dict[int, weakref.ref] = {}
+
+    def _freed(self, key: int, nbytes: int) -> None:
+        self._alive.pop(key, None)
+        self.live -= nbytes
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, DTensor):
+                t = t._local_tensor
+            if not isinstance(t, torch.Tensor) or t.is_meta or type(t) is not torch.Tensor:
+                continue
+            storage = t.untyped_storage()
+            key = id(storage)
+            if key in self._alive and self._alive[key]() is storage:
+                continue  # a view of a tensor already counted
+            nbytes = storage.nbytes()
+            self.live += nbytes
+            self.peak = max(self.peak, self.live)
+            self._alive[key] = weakref.ref(storage, lambda _, k=key, n=nbytes: self._freed(k, n))
+        return out
 
 
 def read_metrics(path: str) -> list[dict]:
