@@ -30,7 +30,7 @@ VERBS: dict[str, tuple[str, str, str]] = {
     "info": ("stepflash.accounting", "InfoArgs", "parameters, active parameters, KV bytes and FLOPs of a config"),
     "generate": ("stepflash.inference.cli", "GenerateArgs", "generate from a checkpoint (optionally with MTP speculation)"),
     "data prepare": ("stepflash.training.data", "PrepareArgs", "tokenize text into memory-mapped shards"),
-    "tokenizer train": ("stepflash.tokenizer", "TrainTokenizerArgs", "train a byte-level BPE with the chat special tokens"),
+    "tokenizer train": ("stepflash.training.tokenizer_train", "TrainTokenizerArgs", "train a byte-level BPE with the chat special tokens"),
     "train": ("stepflash.training.loop", "TrainArgs", "pre-train a model (MoE balancing, MTP loss, monitors)"),
     "plot": ("stepflash.plot", "PlotArgs", "draw a run's metrics.jsonl to PNG"),
     "serve": ("stepflash.server.app", "ServeArgs", "OpenAI-compatible HTTP server"),

@@ -20,7 +20,6 @@ import json
 import os
 import shutil
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
@@ -156,24 +155,3 @@ def save_tokenizer(tok: Tokenizer | str, out_dir: str) -> None:
         json.dump(_tokenizer_config(tok), f, indent=2)
         f.write("\n")
     os.replace(cfg_dst + ".tmp", cfg_dst)
-
-
-@dataclass
-class TrainTokenizerArgs:
-    """Train a byte-level BPE (special tokens at ids 0..10) on a text corpus."""
-
-    input: str | None = field(default=None, metadata={
-        "positional": True, "help": "directory of text files, .jsonl or .parquet (default: the Python standard library)"})
-    out: str = field(default="tokenizer", metadata={"help": "output directory for tokenizer.json"})
-    vocab_size: int = field(default=8192, metadata={"help": "vocabulary size including the special tokens"})
-    field_name: str = field(default="text", metadata={"help": "JSON field / parquet column holding the text"})
-    max_docs: int = field(default=0, metadata={"help": "use only the first N documents (0: all)"})
-
-
-def run(args: TrainTokenizerArgs) -> int:
-    from stepflash.training.data import iter_documents
-
-    docs = (text for _, text in iter_documents(args.input, args.field_name, args.max_docs))
-    tok = train_tokenizer(docs, args.vocab_size, args.out, show_progress=True)
-    print(f"tokenizer with {tok.get_vocab_size()} tokens written to {os.path.join(args.out, TOKENIZER_FILE)}")
-    return 0

@@ -203,6 +203,17 @@ def test_chat_splits_reasoning_and_counts_usage(live, client):
     assert prompt in live.engine.prompts.values()  # the engine saw exactly the rendered template
 
 
+@pytest.mark.parametrize("field", ["reasoning_content", "reasoning"])  # vLLM's newer name is accepted too
+def test_history_reasoning_reaches_the_prompt(live, client, field):
+    history = [{"role": "user", "content": "please say alpha"},
+               {"role": "assistant", "content": "Reply alpha", field: "I thought hard."},
+               {"role": "tool", "content": "42", "tool_call_id": "c1"}]
+    client.chat.completions.create(model="tiny-test", messages=history, max_tokens=5)
+    prompt = render_chat([{**m, "reasoning_content": m.pop("reasoning")} if "reasoning" in m else m
+                          for m in [dict(m) for m in history]])
+    assert "I thought hard." in prompt and prompt in live.engine.prompts.values()
+
+
 def test_streaming_chat_matches_non_streaming(client):
     chunks = list(chat(client, "say beta", stream=True, stream_options={"include_usage": True}))
     assert chunks[0].choices[0].delta.role == "assistant"

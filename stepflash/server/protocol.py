@@ -156,6 +156,7 @@ class ChatMessage(_Request):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[dict[str, Any]] | None = None
     reasoning_content: str | None = None
+    reasoning: str | None = None  # vLLM's newer name for reasoning_content; the template reads either
     tool_calls: list[ToolCall] | None = None
     tool_call_id: str | None = None
     name: str | None = None
