@@ -26,6 +26,13 @@ def _args(data_dir, out, **kw):
     return TrainArgs(**base)
 
 
+def test_default_validation_gives_a_curve(data_dir, tmp_path):
+    h = train(_args(data_dir, tmp_path, steps=12, eval_every=-1, save_every=100))  # the CLI's default
+    assert [v["step"] for v in h["val"]] == [2, 4, 6, 8, 10, 12]  # ceil(12 / 10) = every 2 steps
+    h0 = train(_args(data_dir, tmp_path / "end", steps=4, eval_every=0, save_every=100))
+    assert [v["step"] for v in h0["val"]] == [4]  # 0: only at the end
+
+
 def test_loss_goes_down(data_dir, tmp_path):
     h = train(_args(data_dir, tmp_path, steps=30, eval_every=15))
     losses = [l for _, l in h["losses"]]

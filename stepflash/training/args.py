@@ -58,7 +58,9 @@ class TrainArgs:
     export: bool = field(default=True, metadata={
         "help": "under torchrun: also write the release safetensors into the final checkpoint (gathers the whole "
                 "model on rank 0; --no-export for models that do not fit, then `stepflash convert`)"})
-    eval_every: int = field(default=100, metadata={"help": "validate every N steps (0: only at the end)"})
+    eval_every: int = field(default=-1, metadata={
+        "help": "validate every N steps (-1: ten times over the run, so the validation curve has points; "
+                "0: only at the end)"})
     val_batches: int = field(default=8, metadata={"help": "validation batches per evaluation"})
     log_every: int = field(default=10, metadata={"help": "write metrics every N steps"})
     save_every: int = field(default=200, metadata={"help": "checkpoint every N steps (and at the end)"})

@@ -182,7 +182,8 @@ def log_and_checkpoint(run: Run, st: StepStats, log_now: bool, clock: Clock, his
         run.window_stats.reset()
     timed_out = _timed_out(run, clock)
     last = run.step == a.steps or timed_out
-    if (a.eval_every > 0 and run.step % a.eval_every == 0) or last:
+    eval_every = a.eval_every if a.eval_every >= 0 else -(-a.steps // 10)  # ceil(steps / 10)
+    if (eval_every > 0 and run.step % eval_every == 0) or last:
         val = validate(run)
         history["val"].append({"step": run.step, **val})
         record = {**(record or {"step": run.step}), **val}
