@@ -8,7 +8,7 @@ from stepflash.config import make_config, tiny
 from stepflash.inference import speculative
 from stepflash.inference.engine import Engine
 from stepflash.inference.sampling import target_probs
-from stepflash.inference.speculative import mtp_block, mtp_head, verify
+from stepflash.inference.speculative import verify
 from stepflash.model import Step35ForCausalLM
 
 
@@ -63,9 +63,9 @@ def test_mtp_block_and_head_equal_model_mtp(model):
     pos = torch.arange(3, 10).expand(2, 7)
     for j in range(3):
         z, logits = model.mtp(j, ids, h, pos)
-        z2 = mtp_block(model, j, ids, h, pos)
+        z2 = model.mtp_block(j, ids, h, pos)
         torch.testing.assert_close(z2, z)
-        torch.testing.assert_close(mtp_head(model, j, z2), logits)
+        torch.testing.assert_close(model.mtp_head(j, z2), logits)
 
 
 @pytest.mark.parametrize("k", [1, 2, 3])
@@ -178,7 +178,7 @@ def sample_firsts(model, prompt, steps, params, n, k):
 def test_speculative_sampling_keeps_target_distribution(params, monkeypatch):
     cfg = make_config(2, 32, full_heads=2, sliding_heads=2, kv_heads=1, head_dim=16, window=4, vocab=12,
                       inter=48, experts=4, top_k=2, moe_inter=16, max_pos=64, rope_original=16)
-    model = random_model(cfg, scale=0.3, seed=3)
+    model = random_model(cfg, scale=0.3, seed=10)  # a seed whose drafts are accepted about half the time
     prompt, steps, n = [3, 7, 1, 4, 9], 4, 2000
     exact = exact_marginals(model, prompt, steps, params)
     counts, mean_acc = sample_firsts(model, prompt, steps, params, n, k=3)

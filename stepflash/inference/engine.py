@@ -29,7 +29,6 @@ import torch
 from stepflash.errors import UserError
 from stepflash.inference.kv_cache import TRUNK, KVCache
 from stepflash.inference.sampling import row_params, target_probs, token_logprobs, uniforms
-from stepflash.inference.runner import LeanRunner
 from stepflash.inference.scheduler import Request, SamplingParams, Scheduler
 from stepflash.inference.speculative import DraftRow, MTPDrafter, verify
 
@@ -54,10 +53,10 @@ class GenerationResult:
 
 
 class Engine:
-    def __init__(self, model, max_batch_size: int = 8, device=None, *, cache_slack: int = 8, lean: bool | None = None):
-        """lean: run forwards with `LeanRunner` (default on CPU) instead of the model's modules. The engine
-        keeps references to the model's parameters: in-place updates (optimizer steps, load_state_dict)
-        are seen by the next step; replacing Parameter objects needs a new Engine."""
+    def __init__(self, model, max_batch_size: int = 8, device=None, *, cache_slack: int = 8):
+        """The engine runs the model's own modules and keeps references to its parameters: in-place
+        updates (optimizer steps, load_state_dict) are seen by the next step; replacing Parameter
+        objects needs a new Engine."""
         if device is not None:
             model = model.to(device)
         self.model = model.eval()
@@ -67,11 +66,9 @@ class Engine:
         self.max_batch_size = max_batch_size
         self.context = cfg.max_position_embeddings
         self.eos = frozenset(cfg.eos_token_ids)
-        runner = LeanRunner(model) if (self.device.type == "cpu" if lean is None else lean) else None
-        self._trunk = runner.trunk if runner else model.trunk
         with torch.inference_mode():
             self.cache = KVCache(cfg, max_batch_size, device=self.device, dtype=self.dtype, slack=cache_slack)
-            self.drafter = MTPDrafter(model, self.cache, max_batch_size, self.device, self.dtype, runner)
+            self.drafter = MTPDrafter(model, self.cache, max_batch_size, self.device, self.dtype)
         self.scheduler = Scheduler(max_batch_size)
         self._ids = itertools.count()
 
@@ -177,7 +174,7 @@ class Engine:
                 self.cache.reset(r.slot)
         starts = self.cache.lengths[TRUNK][lo:hi]
         pos = self.cache.begin(TRUNK, lo, hi, T, [len(feed.get(i, ())) for i in range(hi - lo)])
-        h = self._trunk(ids.to(self.device), pos, self.cache)  # [b, T, hidden]
+        h = self.model.trunk(ids.to(self.device), pos, self.cache)  # [b, T, hidden]
         rows = torch.tensor([r.slot - lo for r in reqs], device=self.device)
         if prefill:  # only the last prompt token predicts something new
             last = torch.tensor([len(r.prompt) - 1 for r in reqs], device=self.device)

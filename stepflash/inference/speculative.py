@@ -32,23 +32,6 @@ import torch
 
 from stepflash.inference.kv_cache import KVCache, mtp_group
 from stepflash.inference.sampling import row_params, sample, target_probs, uniforms
-from stepflash.model.transformer import DecoderLayer
-
-
-def mtp_block(model, j: int, next_ids: torch.Tensor, h_prev: torch.Tensor, position_ids: torch.Tensor,
-              kv_cache=None) -> torch.Tensor:
-    """`model.mtp` without its head: next_ids [B, T], h_prev [B, T, hidden] -> z [B, T, hidden].
-    Drafting needs the head at one position per row, not at every fed position."""
-    idx = model.num_layers + j
-    layer = model.model.layers[idx]
-    cos, sin = model.rotary[model.rope_of[idx]](position_ids, h_prev.dtype)
-    z = layer.eh_proj(torch.cat([layer.enorm(model.model.embed_tokens(next_ids)), layer.hnorm(h_prev)], dim=-1))
-    return DecoderLayer.forward(layer, z, cos, sin, kv_cache)
-
-
-def mtp_head(model, j: int, z: torch.Tensor) -> torch.Tensor:
-    head = model.model.layers[model.num_layers + j].transformer.shared_head
-    return head.output(head.norm(z))
 
 
 @dataclass
@@ -68,10 +51,8 @@ class DraftRow:
 class MTPDrafter:
     """Per-slot drafting state: the carried z of each module and the draft distributions q."""
 
-    def __init__(self, model, cache: KVCache, max_batch_size: int, device, dtype, runner=None):
+    def __init__(self, model, cache: KVCache, max_batch_size: int, device, dtype):
         cfg = model.config
-        self.block = runner.mtp_block if runner is not None else (
-            lambda j, ids, h, pos, c: mtp_block(model, j, ids, h, pos, c))
         self.model, self.cache = model, cache
         self.num_modules = cfg.num_nextn_predict_layers
         self.carry = torch.zeros(max_batch_size, self.num_modules, cfg.hidden_size, device=device, dtype=dtype)
@@ -114,9 +95,9 @@ class MTPDrafter:
                 skip = torch.tensor([0 if starts[i] < starts_prev[i] else 1 for i in range(b)], device=dev)
                 idx = (torch.arange(M, device=dev)[None, :] + skip[:, None]).clamp(max=both.shape[1] - 1)
                 h_in = both.gather(1, idx[:, :, None].expand(b, M, both.shape[-1]))
-            z = self.block(j, ids.to(dev), h_in, pos, self.cache)  # [b, M, hidden]
+            z = self.model.mtp_block(j, ids.to(dev), h_in, pos, self.cache)  # [b, M, hidden]
             last = torch.tensor([max(m - 1, 0) for m in lens], device=dev)
-            logits = mtp_head(self.model, j, z[torch.arange(b, device=dev), last])  # [b, vocab]
+            logits = self.model.mtp_head(j, z[torch.arange(b, device=dev), last])  # [b, vocab]
             act = torch.tensor([r.row for r in active], device=dev)
             probs = target_probs(logits[act], *row_params([r.params for r in active], dev))
             drafts = sample(probs, u[act, j]).tolist()

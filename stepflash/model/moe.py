@@ -1,21 +1,33 @@
-"""Feed-forward blocks: clamped SwiGLU, the sigmoid router and the grouped routed experts.
+"""Feed-forward blocks: clamped SwiGLU, the sigmoid router, and routed experts behind a token dispatcher.
 
 Routing (fp32): p = sigmoid(x @ gate^T); the top-k experts are chosen by p + router_bias (the bias,
 moved by the loss-free balancer, only selects); their weights are the unbiased p, renormalised to sum
 to one and multiplied by `moe_router_scaling_factor`.
 
+A MoE forward: route; sort the (token, expert) rows by expert; hand them to the dispatcher, which
+delivers them to the device holding their expert (`LocalDispatcher`: they stay here; the all-to-all
+dispatcher of `stepflash.distributed.expert_parallel` for expert parallelism); run each local expert
+on its rows; `combine` brings the outputs back in the same sorted order; weight and sum per token.
+
 Experts are stored stacked, as in the release ([E, inter, hidden] for gate/up, [E, hidden, inter] for
-down). Token-expert pairs are sorted by expert and each projection is one grouped matmul
-(`torch._grouped_mm`) over the sorted rows, so the cost is that of the active experts only.
+down). `ExpertRows.linear` multiplies only the experts that received rows, in one of three ways:
+- "grouped_mm": one `torch._grouped_mm` kernel (CUDA, bf16, sm90+);
+- "gather": each row with its own expert's matrix gathered (decode-sized batches: static shapes, so a
+  compiled decode step has no graph break and no host sync);
+- "loop": one matmul per expert that has rows (prefill and training on CPU; `torch._grouped_mm` on CPU
+  is a loop over every expert with a host sync each, and its fake kernel takes only bf16).
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from stepflash.config import Step35Config
+from stepflash.model.fused import FusedLinear, ReleaseNames, keep_release_names
 
 
 def swiglu(gate: torch.Tensor, up: torch.Tensor, limit: float) -> torch.Tensor:
@@ -27,57 +39,106 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor, limit: float) -> torch.Tensor:
     return a * up
 
 
-class SwiGLU(nn.Module):
-    """Dense MLP (layers before the first MoE layer, MTP blocks) and the shared expert."""
+class SwiGLU(ReleaseNames, nn.Module):
+    """Dense MLP (layers before the first MoE layer, MTP blocks) and the shared expert. gate and up are
+    one product (`gate_up_proj`); the state dict keeps `gate_proj` and `up_proj` (`model/fused.py`)."""
 
     def __init__(self, hidden: int, inter: int, limit: float = 0.0):
         super().__init__()
         self.limit = limit
-        self.gate_proj = nn.Linear(hidden, inter, bias=False)
-        self.up_proj = nn.Linear(hidden, inter, bias=False)
+        self.gate_up_proj = FusedLinear(hidden, {"gate_proj": inter, "up_proj": inter})
         self.down_proj = nn.Linear(inter, hidden, bias=False)
+        keep_release_names(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x), self.limit))
+        gate, up = self.gate_up_proj.split(self.gate_up_proj(x))
+        return self.down_proj(swiglu(gate, up, self.limit))
+
+
+# ---- routed rows and the experts that multiply them ---------------------------------------------
+
+@dataclass
+class Routing:
+    """The (token, expert) rows of one forward, sorted by expert id (stable)."""
+    order: torch.Tensor  # [N*k] flat index (token * k + slot) of each sorted row
+    token_of_row: torch.Tensor  # [N*k]
+    expert_of_row: torch.Tensor  # [N*k] non-decreasing
+    counts: torch.Tensor  # [E] rows per expert
+
+
+def sort_by_expert(topk_idx: torch.Tensor, num_experts: int) -> Routing:
+    """topk_idx [N, k] -> the rows sorted by expert. Static shapes throughout (counts by scatter-add,
+    not bincount), so the sort compiles."""
+    flat = topk_idx.reshape(-1)  # [N*k]
+    order = torch.argsort(flat, stable=True)
+    counts = torch.zeros(num_experts, dtype=torch.long, device=flat.device).scatter_add_(0, flat, torch.ones_like(flat))
+    return Routing(order, order // topk_idx.shape[-1], flat[order], counts)
+
+
+def _grouped_mm_ok(x: torch.Tensor) -> bool:
+    # The CUDA kernel wants bf16 on sm90+.
+    return (hasattr(torch, "_grouped_mm") and x.device.type == "cuda" and x.dtype == torch.bfloat16
+            and torch.cuda.get_device_capability(x.device)[0] >= 9)
+
+
+@dataclass
+class ExpertRows:
+    """Which local expert each row (grouped by expert) goes to, and how they are multiplied."""
+    expert_of_row: torch.Tensor  # [M] local expert id, non-decreasing
+    counts: torch.Tensor  # [E_local]
+    path: str  # "grouped_mm", "gather" or "loop" (module docstring)
+
+    @classmethod
+    def of(cls, rows: torch.Tensor, expert_of_row: torch.Tensor, counts: torch.Tensor, path: str | None = None):
+        if path is None:
+            path = "grouped_mm" if _grouped_mm_ok(rows) else "gather" if rows.shape[0] <= counts.numel() else "loop"
+        return cls(expert_of_row, counts, path)
+
+    def linear(self, rows: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """rows [M, in] grouped by expert, weight [E_local, out, in] -> [M, out]."""
+        if self.path == "grouped_mm":
+            offsets = torch.cumsum(self.counts, 0).to(torch.int32)
+            return torch._grouped_mm(rows, weight.transpose(-2, -1), offs=offsets)
+        if self.path == "gather":
+            return torch.bmm(weight[self.expert_of_row], rows[:, :, None]).squeeze(-1)
+        return _per_expert_loop(rows, weight, self.counts)
+
+
+@torch.compiler.disable  # data-dependent shapes: stays eager inside a compiled region
+def _per_expert_loop(rows: torch.Tensor, weight: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    outs = [xe @ weight[e].T for e, xe in enumerate(torch.split(rows, counts.tolist())) if xe.shape[0]]
+    return torch.cat(outs) if outs else rows.new_zeros(0, weight.shape[1])
 
 
 class StackedWeight(nn.Module):
-    """Holds one [E, out, in] tensor under the release's name `<proj>.weight`."""
+    """Holds one [E, out, in] tensor under the release's name `<proj>.weight` and multiplies rows grouped
+    by expert with it. Called as a module so that FSDP's hooks gather a sharded weight first."""
 
     def __init__(self, num_experts: int, out_features: int, in_features: int):
         super().__init__()
         self.weight = nn.Parameter(torch.empty(num_experts, out_features, in_features))
 
+    def local_weight(self) -> torch.Tensor:
+        """[E_local, out, in]: the experts this device computes (all of them here)."""
+        return self.weight
 
-def _grouped_mm_ok(x: torch.Tensor) -> bool:
-    if not hasattr(torch, "_grouped_mm"):
-        return False
-    if x.device.type == "cpu":
-        return True
-    # The CUDA kernel wants bf16 on sm90+.
-    return x.device.type == "cuda" and x.dtype == torch.bfloat16 and torch.cuda.get_device_capability(x.device)[0] >= 9
+    def forward(self, rows: torch.Tensor, experts: ExpertRows) -> torch.Tensor:
+        return experts.linear(rows, self.local_weight())
 
 
-def grouped_linear(x: torch.Tensor, weight: torch.Tensor, counts: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
-    """x [rows, in] sorted by expert, weight [E, out, in], counts/offsets [E] -> [rows, out].
+class LocalDispatcher:
+    """Every expert lives on this device: rows stay where they are, in the sorted order."""
 
-    Row block e (counts[e] rows ending at offsets[e]) is multiplied by weight[e]^T."""
-    if _grouped_mm_ok(x):
-        return torch._grouped_mm(x, weight.transpose(-2, -1), offs=offsets)
-    # Fallback: still grouped (one matmul per expert that received tokens), never a dense one-hot pass.
-    outs = [xe @ weight[e].T for e, xe in enumerate(torch.split(x, counts.tolist())) if xe.shape[0]]
-    return torch.cat(outs) if outs else x.new_zeros(0, weight.shape[1])
+    def dispatch(self, rows: torch.Tensor, routing: Routing, path: str | None = None):
+        """rows [N*k, H] sorted by expert -> (rows for the local experts, their ExpertRows, a handle for combine)."""
+        return rows, ExpertRows.of(rows, routing.expert_of_row, routing.counts, path), None
+
+    def combine(self, rows: torch.Tensor, handle) -> torch.Tensor:
+        """Expert-side rows (outputs, or any per-row values) -> this device's rows in the sorted order."""
+        return rows
 
 
-def sort_by_expert(topk_idx: torch.Tensor, num_experts: int):
-    """topk_idx [N, k] -> flat expert ids [N*k], the stable order sorting them by expert, the source token
-    of each sorted row [N*k], and rows per expert [E]."""
-    flat_idx = topk_idx.reshape(-1)
-    order = torch.argsort(flat_idx, stable=True)
-    token_of_row = order // topk_idx.shape[-1]
-    counts = torch.bincount(flat_idx, minlength=num_experts)
-    return flat_idx, order, token_of_row, counts
-
+# ---- the MoE block -----------------------------------------------------------------------------
 
 class MoE(nn.Module):
     def __init__(self, cfg: Step35Config, layer_idx: int):
@@ -93,6 +154,8 @@ class MoE(nn.Module):
         self.gate_proj = StackedWeight(e, i, h)
         self.up_proj = StackedWeight(e, i, h)
         self.down_proj = StackedWeight(e, h, i)
+        self.dispatcher = LocalDispatcher()
+        self.expert_path: str | None = None  # None: chosen per forward (ExpertRows.of); tests force one
         # Set by the trainer: keep the last forward's routing for balance losses and monitors;
         # record_expert_stats adds per-expert output norms and activation RMS (stability monitors).
         self.record_routing = False
@@ -113,28 +176,33 @@ class MoE(nn.Module):
         shape = x.shape
         x = x.reshape(-1, shape[-1])  # [N, H]
         probs, topk_w, topk_idx = self.route(x)
-        flat_idx, order, token_of_row, counts = sort_by_expert(topk_idx, self.num_experts)
-        offsets = torch.cumsum(counts, 0).to(torch.int32)
-        rows = x[token_of_row]  # [N*k, H], grouped by expert
-        hidden = swiglu(grouped_linear(rows, self.gate_proj.weight, counts, offsets),
-                        grouped_linear(rows, self.up_proj.weight, counts, offsets), self.limit)
-        out_rows = grouped_linear(hidden, self.down_proj.weight, counts, offsets)  # [N*k, H]
+        routing = sort_by_expert(topk_idx, self.num_experts)
+        rows, experts, handle = self.dispatcher.dispatch(x[routing.token_of_row], routing, self.expert_path)
+        hidden = swiglu(self.gate_proj(rows, experts), self.up_proj(rows, experts), self.limit)  # [M, inter]
+        out = self.down_proj(hidden, experts)  # [M, H] on the experts' side
+        out_rows = self.dispatcher.combine(out, handle)  # [N*k, H], sorted by expert
         if self.record_routing:
-            self.last_routing = {"probs": probs, "topk_idx": topk_idx, "counts": counts}
+            self.last_routing = {"probs": probs, "topk_idx": topk_idx, "counts": routing.counts}
             if self.record_expert_stats:
-                self.last_routing.update(expert_stats(hidden, out_rows, flat_idx[order], self.num_experts))
-        out_rows = out_rows * topk_w.reshape(-1)[order, None].to(out_rows.dtype)
-        out = torch.zeros_like(x).index_add_(0, token_of_row, out_rows)
-        return out.reshape(shape)
+                row_stats = self.dispatcher.combine(expert_row_stats(hidden, out), handle)
+                self.last_routing.update(expert_stats(row_stats, routing.expert_of_row, self.num_experts))
+        out_rows = out_rows * topk_w.reshape(-1)[routing.order, None].to(out_rows.dtype)
+        return torch.zeros_like(x).index_add_(0, routing.token_of_row, out_rows).reshape(shape)
 
 
 @torch.no_grad()
-def expert_stats(hidden: torch.Tensor, out_rows: torch.Tensor, expert_of_row: torch.Tensor, num_experts: int) -> dict:
-    """Per-expert sums over its rows (divide by counts for means): L2 norm of the expert's output before
-    the gating weight, and mean square of its SwiGLU activation. hidden [R, inter], out_rows [R, H]."""
-    zeros = torch.zeros(num_experts, dtype=torch.float32, device=hidden.device)
-    return {"out_norm_sum": zeros.index_add(0, expert_of_row, out_rows.float().norm(dim=-1)),
-            "act_sq_sum": zeros.index_add(0, expert_of_row, hidden.float().pow(2).mean(-1))}
+def expert_row_stats(hidden: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """Per row, where its expert ran: L2 norm of the expert output before the gating weight, and mean
+    square of the SwiGLU activation. hidden [M, inter], out [M, H] -> [M, 2] fp32."""
+    return torch.stack([out.float().norm(dim=-1), hidden.float().pow(2).mean(-1)], 1)
+
+
+@torch.no_grad()
+def expert_stats(row_stats: torch.Tensor, expert_of_row: torch.Tensor, num_experts: int) -> dict:
+    """Per-expert sums of `expert_row_stats` (divide by counts for means)."""
+    zeros = torch.zeros(num_experts, dtype=torch.float32, device=row_stats.device)
+    return {"out_norm_sum": zeros.index_add(0, expert_of_row, row_stats[:, 0]),
+            "act_sq_sum": zeros.index_add(0, expert_of_row, row_stats[:, 1])}
 
 
 def moe_reference(moe: MoE, x: torch.Tensor) -> torch.Tensor:

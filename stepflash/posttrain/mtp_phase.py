@@ -52,17 +52,9 @@ def masked_mtp_losses(model, ids: torch.Tensor, target_mask: torch.Tensor, h: to
     ids [B, S] (a padded batch), target_mask [B, S-1] (1 where ids[:, t+1] is a trained token, as `sft_batch`
     makes it), h = model.trunk(ids[:, :-1]) [B, S-1, hidden]. Module j at position t predicts ids[:, t+2+j]
     (`objective.mtp_targets` on the window ids); its mask is target_mask[:, 1+j:]."""
-    inputs = ids[:, :-1]  # [B, T]
-    T = inputs.shape[1]
-    depth = len(model.mtp_layers) if depth is None else min(depth, len(model.mtp_layers))
-    pos = model.default_positions(inputs)
-    losses, z = [], h
-    for j in range(depth):
-        n = T - 1 - j  # positions with a target
-        if n <= 0:
-            break
-        z, logits = model.mtp(j, inputs[:, 1 + j:], z[:, :n], pos[:, :n])  # [B, n, V]
-        ce = F.cross_entropy(logits.float().transpose(1, 2), ids[:, 2 + j:], reduction="none")  # [B, n]
+    losses = []
+    for j, logits in enumerate(model.mtp_logits(ids[:, :-1], h, depth)):  # [B, T-1-j, V]
+        ce = F.cross_entropy(logits.float().transpose(1, 2), ids[:, 2 + j:], reduction="none")  # [B, T-1-j]
         mask = target_mask[:, 1 + j:]
         losses.append((ce * mask).sum() / mask.sum().clamp(min=1))
     return losses

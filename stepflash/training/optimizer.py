@@ -26,6 +26,8 @@ import math
 import torch
 from torch import nn
 
+from stepflash.model.fused import fused_row_splits
+
 # Quintic Newton-Schulz coefficients (a, b, c) tuned for fast convergence of small singular values:
 # X <- a X + (b A + c A^2) X with A = X X^T. Singular values land in roughly [0.7, 1.2], not exactly 1.
 NS_COEFFS = (3.4445, -4.7750, 2.0315)
@@ -52,10 +54,14 @@ class Muon(torch.optim.Optimizer):
     """Momentum + orthogonalised update for 2D matrices (or stacks of them, batched over the first dim)."""
 
     def __init__(self, params, lr: float = 1e-3, momentum: float = 0.95, nesterov: bool = True,
-                 weight_decay: float = 0.0, ns_steps: int = 5, ns_dtype: torch.dtype | None = None):
+                 weight_decay: float = 0.0, ns_steps: int = 5, ns_dtype: torch.dtype | None = None,
+                 row_splits: dict[int, list[int]] | None = None):
+        """row_splits: id(parameter) -> row counts of the separate matrices a fused parameter holds
+        (`stepflash.model.fused.fused_row_splits`); each is orthogonalised and scaled on its own."""
         super().__init__(params, dict(lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay,
                                       ns_steps=ns_steps))
         self.ns_dtype = ns_dtype
+        self.row_splits = row_splits or {}
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -71,11 +77,19 @@ class Muon(torch.optim.Optimizer):
                 buf = state["momentum_buffer"]
                 buf.mul_(group["momentum"]).add_(p.grad)
                 update = p.grad.add(buf, alpha=group["momentum"]) if group["nesterov"] else buf
-                o = orthogonalize(update, group["ns_steps"], self.ns_dtype)
-                scale = 0.2 * math.sqrt(max(p.shape[-2], p.shape[-1]))
                 p.mul_(1 - group["lr"] * group["weight_decay"])
-                p.add_(o, alpha=-group["lr"] * scale)
+                for rows in self._row_blocks(p):
+                    o = orthogonalize(update[rows], group["ns_steps"], self.ns_dtype)
+                    scale = 0.2 * math.sqrt(max(o.shape[-2], o.shape[-1]))
+                    p[rows].add_(o, alpha=-group["lr"] * scale)
         return loss
+
+    def _row_blocks(self, p: torch.Tensor) -> list[tuple]:
+        """Index tuples of the matrices p holds: all of it, or each part of a fused projection."""
+        bounds = [0]
+        for n in self.row_splits.get(id(p), [p.shape[-2]]):
+            bounds.append(bounds[-1] + n)
+        return [(..., slice(a, b), slice(None)) for a, b in zip(bounds, bounds[1:])]
 
 
 def _is_adamw_matrix(name: str) -> bool:
@@ -145,7 +159,8 @@ def build_optimizer(model: nn.Module, kind: str, lr: float, weight_decay: float,
         muon = None
     elif kind == "muon":
         decay = groups["adamw_decay"]
-        muon = Muon(groups["muon"], lr=lr, momentum=muon_momentum, weight_decay=weight_decay) if groups["muon"] else None
+        muon = Muon(groups["muon"], lr=lr, momentum=muon_momentum, weight_decay=weight_decay,
+                    row_splits=fused_row_splits(model)) if groups["muon"] else None
     else:
         raise ValueError(f"optimizer must be 'muon' or 'adamw', got {kind!r}")
     adamw = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
