@@ -27,7 +27,7 @@ from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Shard
 
-from stepflash.model.moe import ExpertRows, MoE, Routing, StackedWeight
+from stepflash.model.moe import ExpertRows, MoE, StackedWeight, choose_path, expert_counts
 
 
 class _AllToAll(torch.autograd.Function):
@@ -79,16 +79,19 @@ class ExpertSlice(StackedWeight):
 
 
 class AllToAllDispatcher:
-    """Sends each sorted row to the rank of its expert and brings the outputs back (module docstring)."""
+    """Sends each routed row to the rank of its expert and brings the outputs back (module docstring)."""
 
     def __init__(self, ep_mesh: DeviceMesh, num_experts: int):
         self.group, self.ep = ep_mesh.get_group(), ep_mesh.size()
         self.local_experts = num_experts // self.ep
 
-    def dispatch(self, rows: torch.Tensor, routing: Routing, path: str | None = None):
-        """rows [N*k, H] sorted by expert -> (received rows grouped by local expert, their ExpertRows, handle)."""
+    def dispatch(self, x: torch.Tensor, topk_idx: torch.Tensor, num_experts: int, path: str | None = None):
+        """x [N, H], topk_idx [N, k] -> (received rows grouped by local expert, their ExpertRows, handle)."""
         ep, per = self.ep, self.local_experts
-        counts = routing.counts  # [E] rows this rank sends per expert
+        flat = topk_idx.reshape(-1)  # [N*k]
+        order = torch.argsort(flat, stable=True)  # by expert, hence by destination rank
+        rows = x[order // topk_idx.shape[-1]]
+        counts = expert_counts(flat, num_experts)  # [E] rows this rank sends per expert
         recv = torch.empty_like(counts)  # recv[s, e] = rows rank s sends to my local expert e
         dist.all_to_all_single(recv, counts, group=self.group)
         recv = recv.view(ep, per)  # [ep, E/ep]
@@ -96,18 +99,19 @@ class AllToAllDispatcher:
         recv_splits = recv.sum(1).tolist()
         received = all_to_all(rows, recv_splits, send_splits, self.group)  # [M, H], by source rank then expert
         # Regroup by local expert (stable, so rows of one expert keep their source order).
-        expert_of_row = torch.repeat_interleave(torch.arange(per, device=rows.device).repeat(ep), recv.reshape(-1))
+        expert_of_row = torch.repeat_interleave(torch.arange(per, device=x.device).repeat(ep), recv.reshape(-1))
         perm = torch.argsort(expert_of_row, stable=True)  # [M]
         unperm = torch.empty_like(perm)
         unperm[perm] = torch.arange(perm.numel(), device=perm.device)
-        grouped = received[perm]
-        experts = ExpertRows.of(grouped, expert_of_row[perm], recv.sum(0), path)
-        return grouped, experts, (unperm, send_splits, recv_splits)
+        path = path or choose_path(received, received.shape[0], per)
+        experts = ExpertRows(expert_of_row[perm], recv.sum(0), path)
+        return received[perm], experts, (order, unperm, send_splits, recv_splits)
 
     def combine(self, rows: torch.Tensor, handle) -> torch.Tensor:
-        """Expert-side rows [M, ...] -> this rank's own rows [N*k, ...] in the sorted order."""
-        unperm, send_splits, recv_splits = handle
-        return all_to_all(rows[unperm], send_splits, recv_splits, self.group)
+        """Expert-side rows [M, ...] -> this rank's own rows [N*k, ...] in (token, slot) order."""
+        order, unperm, send_splits, recv_splits = handle
+        mine = all_to_all(rows[unperm], send_splits, recv_splits, self.group)  # sorted by expert
+        return torch.empty_like(mine).index_copy_(0, order, mine)
 
 
 class ExpertParallelMoE(MoE):

@@ -20,6 +20,7 @@ log-softmax of the raw logits).
 from __future__ import annotations
 
 import itertools
+import logging
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -27,12 +28,15 @@ from dataclasses import dataclass, field
 import torch
 
 from stepflash.errors import UserError
+from stepflash.inference.compile import CompiledDecode, bucket_of, compiler_missing
 from stepflash.inference.kv_cache import TRUNK, KVCache
 from stepflash.inference.sampling import row_params, target_probs, token_logprobs, uniforms
 from stepflash.inference.scheduler import Request, SamplingParams, Scheduler
 from stepflash.inference.speculative import DraftRow, MTPDrafter, verify
 
 __all__ = ["Engine", "GenerationResult", "SamplingParams", "StepOutput"]
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -53,10 +57,11 @@ class GenerationResult:
 
 
 class Engine:
-    def __init__(self, model, max_batch_size: int = 8, device=None, *, cache_slack: int = 8):
+    def __init__(self, model, max_batch_size: int = 8, device=None, *, cache_slack: int = 8, compile: bool = False):
         """The engine runs the model's own modules and keeps references to its parameters: in-place
         updates (optimizer steps, load_state_dict) are seen by the next step; replacing Parameter
-        objects needs a new Engine."""
+        objects needs a new Engine. compile: run decode steps through `torch.compile` (`compile.py`);
+        without a compiler the engine stays eager and `compile_note` says why."""
         if device is not None:
             model = model.to(device)
         self.model = model.eval()
@@ -71,6 +76,20 @@ class Engine:
             self.drafter = MTPDrafter(model, self.cache, max_batch_size, self.device, self.dtype)
         self.scheduler = Scheduler(max_batch_size)
         self._ids = itertools.count()
+        self.compiled: CompiledDecode | None = None
+        self.compile_note: str | None = None
+        if compile:
+            missing = compiler_missing(self.device)
+            if missing:
+                self.compile_note = f"compile: {missing}; decoding eager"
+                log.warning(self.compile_note)
+            else:
+                self.compiled = CompiledDecode(model, self.cache, max_batch_size, 1 + cfg.num_nextn_predict_layers)
+
+    @property
+    def compile_seconds(self) -> float:
+        """Time spent compiling so far (0 when eager)."""
+        return self.compiled.compile_seconds if self.compiled else 0.0
 
     # ---- public API -------------------------------------------------------------------------
     def add_request(self, prompt_ids: list[int], params: SamplingParams | None = None) -> int:
@@ -162,10 +181,15 @@ class Engine:
 
     def _forward(self, reqs: list[Request], prefill: bool) -> list[StepOutput]:
         """One trunk forward over the slot range of `reqs`, then acceptance, emission and drafting."""
-        lo, hi = reqs[0].slot, reqs[-1].slot + 1
+        compiled = None if prefill else self.compiled
         t0 = time.perf_counter()
-        feed = {r.slot - lo: (r.prompt if prefill else [r.tokens[-1]] + r.drafts) for r in reqs}
-        T = max(len(f) for f in feed.values())
+        feeds = [r.prompt if prefill else [r.tokens[-1]] + r.drafts for r in reqs]
+        if compiled:  # static shapes: slots [0, B) and T from their buckets (compile.py)
+            lo, hi = 0, bucket_of(reqs[-1].slot + 1, compiled.batch_buckets)
+            T = bucket_of(max(map(len, feeds)), compiled.token_buckets)
+        else:
+            lo, hi, T = reqs[0].slot, reqs[-1].slot + 1, max(map(len, feeds))
+        feed = {r.slot - lo: f for r, f in zip(reqs, feeds)}
         ids = torch.zeros(hi - lo, T, dtype=torch.long)  # rows right-padded; idle rows all padding
         for i, f in feed.items():
             ids[i, : len(f)] = torch.tensor(f, dtype=torch.long)
@@ -174,13 +198,17 @@ class Engine:
                 self.cache.reset(r.slot)
         starts = self.cache.lengths[TRUNK][lo:hi]
         pos = self.cache.begin(TRUNK, lo, hi, T, [len(feed.get(i, ())) for i in range(hi - lo)])
-        h = self.model.trunk(ids.to(self.device), pos, self.cache)  # [b, T, hidden]
         rows = torch.tensor([r.slot - lo for r in reqs], device=self.device)
-        if prefill:  # only the last prompt token predicts something new
-            last = torch.tensor([len(r.prompt) - 1 for r in reqs], device=self.device)
-            logits = self.model.head(h[rows, last])[:, None]  # [n, 1, V]
-        else:  # the newest token and every draft
-            logits = self.model.head(h[rows])  # [n, T, V]
+        if compiled:  # the newest token and every draft
+            h, logits = compiled.trunk(ids.to(self.device), pos)  # [B, T, hidden], [B, T, V]
+            logits = logits[rows]
+        else:
+            h = self.model.trunk(ids.to(self.device), pos, self.cache)  # [b, T, hidden]
+            if prefill:  # only the last prompt token predicts something new
+                last = torch.tensor([len(r.prompt) - 1 for r in reqs], device=self.device)
+                logits = self.model.head(h[rows, last])[:, None]  # [n, 1, V]
+            else:
+                logits = self.model.head(h[rows])  # [n, T, V]
         accepted, emitted, logprobs = self._decide(reqs, logits, [] if prefill else [len(r.drafts) for r in reqs])
         now = time.perf_counter()
         outputs, draft_rows = [], []
@@ -202,7 +230,7 @@ class Engine:
                 draft_rows.append(DraftRow(r.slot - lo, r.slot, want, start, self.cache.lengths[TRUNK][r.slot],
                                            r.tokens, r.params, r.generator, r.drafts))
         if draft_rows:
-            self.drafter.draft(lo, hi, draft_rows, h)
+            self.drafter.draft(lo, hi, draft_rows, h, compiled)
         return outputs
 
     def _decide(self, reqs: list[Request], logits: torch.Tensor, k: list[int]):

@@ -13,7 +13,8 @@ then only scatters k/v and returns views. `truncate` rolls rows back, e.g. after
 Storage, per layer, `[slots, kv_heads, columns, head_dim]` with column 0 a trash column: padding
 tokens write there and padding queries attend only to it, so they never touch real entries and never
 see an empty (NaN-producing) key set.
-- full layer: position p lives in column p + 1; columns grow by doubling (never per step).
+- full layer: position p lives in column p + 1; columns grow by doubling (never per step), and
+  attention reads all of them (the mask hides the unwritten ones), so shapes change only on growth.
 - sliding layer: a ring of R = window + slack columns (+ trash); position p lives in 1 + p % R. The
   slack makes rollback exact after the ring wrapped: rolling back d <= slack tokens still leaves the
   window before the new end in the ring, and a chunk of T <= slack + 1 tokens can be written before
@@ -44,10 +45,9 @@ class _Plan:
     group: int
     lo: int
     hi: int
-    rows: torch.Tensor  # [b, 1] row index within the slice, for advanced indexing
+    rows: torch.Tensor  # [b, 1] slot of each row, for advanced indexing into the whole buffers
     full_cols: torch.Tensor | None = None  # [b, T] write column per token (0 = trash)
-    full_keys: int = 0  # columns returned to attention
-    full_mask: torch.Tensor | None = None  # [b, 1, T, full_keys]
+    full_mask: torch.Tensor | None = None  # [b, 1, T, 1 + capacity]
     ring_cols: torch.Tensor | None = None  # [b, T]
     ring_mask: torch.Tensor | None = None  # [b, 1, T, R+1] or [b, 1, T, R+1+T] when concatenating
     ring_concat: bool = False
@@ -121,16 +121,17 @@ class KVCache:
         t = torch.arange(T, device=dev)[None, :]  # [1, T]
         pos = start_t + t  # [b, T]
         real = t < valid_t  # [b, T] real (non-padding) tokens
-        plan = _Plan(group, lo, hi, torch.arange(b, device=dev)[:, None])
+        plan = _Plan(group, lo, hi, torch.arange(lo, hi, device=dev)[:, None])
         ends = [s + v for s, v in zip(starts, valid)]
         if self._group_has(group, sliding=False):
             self._grow(max(ends))
-            keys = 1 + max(max(ends), 1)
+            # Attention sees every column (masked past each row's end): the key count changes only when
+            # the buffers grow, not every step, which is what a compiled decode step needs.
+            keys = 1 + self.capacity
             plan.full_cols = torch.where(real, pos + 1, 0)
             kpos = torch.arange(keys, device=dev) - 1  # [S] position held by each column, trash = -1
             see = (kpos >= 0) & (kpos[None, None, :] <= pos[:, :, None])  # [b, T, S]
             plan.full_mask = self._pad_queries(see, real)
-            plan.full_keys = keys
         if self._group_has(group, sliding=True):
             self._plan_ring(plan, pos, real, valid_t, T)
         for r, e in enumerate(ends):
@@ -176,22 +177,20 @@ class KVCache:
         plan = self._plan
         assert plan is not None and self.group_of[layer_idx] == plan.group, \
             f"layer {layer_idx} written outside a begin() of its group"
-        kb, vb = self.k[layer_idx][plan.lo: plan.hi], self.v[layer_idx][plan.lo: plan.hi]
-        k, v = k.to(kb.dtype), v.to(vb.dtype)
-        k_tok, v_tok = k.transpose(1, 2), v.transpose(1, 2)  # [b, T, kv_heads, D]: layout of kb[rows, :, cols]
-        if not self.sliding[layer_idx]:
-            kb[plan.rows, :, plan.full_cols] = k_tok
-            vb[plan.rows, :, plan.full_cols] = v_tok
-            n = plan.full_keys
-            return kb[:, :, :n], vb[:, :, :n], plan.full_mask
-        if plan.ring_concat:
-            keys, values = torch.cat([kb, k], dim=2), torch.cat([vb, v], dim=2)  # prefill only
-            kb[plan.rows, :, plan.ring_cols] = k_tok
-            vb[plan.rows, :, plan.ring_cols] = v_tok
+        kbuf, vbuf = self.k[layer_idx], self.v[layer_idx]
+        k, v = k.to(kbuf.dtype), v.to(vbuf.dtype)
+        k_tok, v_tok = k.transpose(1, 2), v.transpose(1, 2)  # [b, T, kv_heads, D]: layout of kbuf[rows, :, cols]
+        cols = plan.ring_cols if self.sliding[layer_idx] else plan.full_cols
+        # Written into the whole buffer (not a slice view of it), so a compiled step scatters in place.
+        kb, vb = kbuf[plan.lo: plan.hi], vbuf[plan.lo: plan.hi]
+        if self.sliding[layer_idx] and plan.ring_concat:  # prefill only: old ring + new keys
+            keys, values = torch.cat([kb, k], dim=2), torch.cat([vb, v], dim=2)
+            kbuf[plan.rows, :, cols] = k_tok
+            vbuf[plan.rows, :, cols] = v_tok
             return keys, values, plan.ring_mask
-        kb[plan.rows, :, plan.ring_cols] = k_tok
-        vb[plan.rows, :, plan.ring_cols] = v_tok
-        return kb, vb, plan.ring_mask
+        kbuf[plan.rows, :, cols] = k_tok
+        vbuf[plan.rows, :, cols] = v_tok
+        return kb, vb, plan.ring_mask if self.sliding[layer_idx] else plan.full_mask
 
     def truncate(self, group: int, slot: int, length: int) -> None:
         """Roll one row of a group back to `length` tokens (drop rejected drafts)."""

@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from stepflash.inference.compile import bucket_of
 from stepflash.inference.kv_cache import KVCache, mtp_group
 from stepflash.inference.sampling import row_params, sample, target_probs, uniforms
 
@@ -62,10 +63,11 @@ class MTPDrafter:
         # Optional (row, module j, drafted token) -> token replacing the draft (tests force acceptance with it).
         self.draft_hook = None
 
-    def draft(self, lo: int, hi: int, rows: list[DraftRow], h: torch.Tensor) -> None:
+    def draft(self, lo: int, hi: int, rows: list[DraftRow], h: torch.Tensor, compiled=None) -> None:
         """Run the chain for `rows` of the slot range [lo, hi); h [b, T, hidden] is the trunk output of
         the forward that produced tokens[n_prev+1 .. n] (row r's first n - n_prev entries are real).
-        Fills each row's `drafts` and `self.q[slot, :k]`."""
+        Fills each row's `drafts` and `self.q[slot, :k]`. compiled: the engine's `CompiledDecode`
+        (a decode step over its static slot range), or None for the model's modules run eagerly."""
         b, dev = hi - lo, self.device
         by_row = {r.row: r for r in rows}
         u = uniforms([by_row[i].generator if i in by_row else None for i in range(b)],
@@ -81,7 +83,7 @@ class MTPDrafter:
                 starts[r.row], lens[r.row] = c, r.n - c
                 toks[r.row] = r.tokens[max(1 + j, r.n_prev + 1): r.n + 1] + r.drafts[:j]
                 assert len(toks[r.row]) == r.n - c
-            M = max(lens)
+            M = bucket_of(max(lens), compiled.token_buckets) if compiled else max(lens)
             ids = torch.zeros(b, M, dtype=torch.long)
             for i, t in enumerate(toks):
                 ids[i, : len(t)] = torch.tensor(t, dtype=torch.long)
@@ -95,9 +97,12 @@ class MTPDrafter:
                 skip = torch.tensor([0 if starts[i] < starts_prev[i] else 1 for i in range(b)], device=dev)
                 idx = (torch.arange(M, device=dev)[None, :] + skip[:, None]).clamp(max=both.shape[1] - 1)
                 h_in = both.gather(1, idx[:, :, None].expand(b, M, both.shape[-1]))
-            z = self.model.mtp_block(j, ids.to(dev), h_in, pos, self.cache)  # [b, M, hidden]
             last = torch.tensor([max(m - 1, 0) for m in lens], device=dev)
-            logits = self.model.mtp_head(j, z[torch.arange(b, device=dev), last])  # [b, vocab]
+            if compiled:
+                z, logits = compiled.mtp(j, ids.to(dev), h_in, pos, last)  # [b, M, hidden], [b, vocab]
+            else:
+                z = self.model.mtp_block(j, ids.to(dev), h_in, pos, self.cache)  # [b, M, hidden]
+                logits = self.model.mtp_head(j, z[torch.arange(b, device=dev), last])  # [b, vocab]
             act = torch.tensor([r.row for r in active], device=dev)
             probs = target_probs(logits[act], *row_params([r.params for r in active], dev))
             drafts = sample(probs, u[act, j]).tolist()

@@ -4,16 +4,16 @@ Routing (fp32): p = sigmoid(x @ gate^T); the top-k experts are chosen by p + rou
 moved by the loss-free balancer, only selects); their weights are the unbiased p, renormalised to sum
 to one and multiplied by `moe_router_scaling_factor`.
 
-A MoE forward: route; sort the (token, expert) rows by expert; hand them to the dispatcher, which
-delivers them to the device holding their expert (`LocalDispatcher`: they stay here; the all-to-all
-dispatcher of `stepflash.distributed.expert_parallel` for expert parallelism); run each local expert
-on its rows; `combine` brings the outputs back in the same sorted order; weight and sum per token.
+A MoE forward: route; hand the (token, expert) rows to the dispatcher, which delivers them to the device
+holding their expert, grouped by expert (`LocalDispatcher`: they stay here; the all-to-all dispatcher of
+`stepflash.distributed.expert_parallel` for expert parallelism); run each local expert on its rows;
+`combine` brings the outputs back in (token, slot) order; weight and sum per token.
 
 Experts are stored stacked, as in the release ([E, inter, hidden] for gate/up, [E, hidden, inter] for
 down). `ExpertRows.linear` multiplies only the experts that received rows, in one of three ways:
 - "grouped_mm": one `torch._grouped_mm` kernel (CUDA, bf16, sm90+);
-- "gather": each row with its own expert's matrix gathered (decode-sized batches: static shapes, so a
-  compiled decode step has no graph break and no host sync);
+- "gather": each row with its own expert's matrix gathered (decode-sized batches: static shapes and no
+  sorting, so a compiled decode step has no graph break and no host sync);
 - "loop": one matmul per expert that has rows (prefill and training on CPU; `torch._grouped_mm` on CPU
   is a loop over every expert with a host sync each, and its fake kernel takes only bf16).
 """
@@ -57,22 +57,10 @@ class SwiGLU(ReleaseNames, nn.Module):
 
 # ---- routed rows and the experts that multiply them ---------------------------------------------
 
-@dataclass
-class Routing:
-    """The (token, expert) rows of one forward, sorted by expert id (stable)."""
-    order: torch.Tensor  # [N*k] flat index (token * k + slot) of each sorted row
-    token_of_row: torch.Tensor  # [N*k]
-    expert_of_row: torch.Tensor  # [N*k] non-decreasing
-    counts: torch.Tensor  # [E] rows per expert
-
-
-def sort_by_expert(topk_idx: torch.Tensor, num_experts: int) -> Routing:
-    """topk_idx [N, k] -> the rows sorted by expert. Static shapes throughout (counts by scatter-add,
-    not bincount), so the sort compiles."""
-    flat = topk_idx.reshape(-1)  # [N*k]
-    order = torch.argsort(flat, stable=True)
-    counts = torch.zeros(num_experts, dtype=torch.long, device=flat.device).scatter_add_(0, flat, torch.ones_like(flat))
-    return Routing(order, order // topk_idx.shape[-1], flat[order], counts)
+def expert_counts(expert_ids: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """Rows per expert [E] (a scatter-add, not bincount: static shapes, so it compiles)."""
+    flat = expert_ids.reshape(-1)
+    return torch.zeros(num_experts, dtype=torch.long, device=flat.device).scatter_add_(0, flat, torch.ones_like(flat))
 
 
 def _grouped_mm_ok(x: torch.Tensor) -> bool:
@@ -81,21 +69,21 @@ def _grouped_mm_ok(x: torch.Tensor) -> bool:
             and torch.cuda.get_device_capability(x.device)[0] >= 9)
 
 
+def choose_path(x: torch.Tensor, num_rows: int, num_local_experts: int) -> str:
+    """grouped_mm where the kernel exists; gather while there are no more rows than experts (at most one
+    copy of the experts' weights is gathered); else the per-expert loop."""
+    return "grouped_mm" if _grouped_mm_ok(x) else "gather" if num_rows <= num_local_experts else "loop"
+
+
 @dataclass
 class ExpertRows:
-    """Which local expert each row (grouped by expert) goes to, and how they are multiplied."""
-    expert_of_row: torch.Tensor  # [M] local expert id, non-decreasing
-    counts: torch.Tensor  # [E_local]
-    path: str  # "grouped_mm", "gather" or "loop" (module docstring)
-
-    @classmethod
-    def of(cls, rows: torch.Tensor, expert_of_row: torch.Tensor, counts: torch.Tensor, path: str | None = None):
-        if path is None:
-            path = "grouped_mm" if _grouped_mm_ok(rows) else "gather" if rows.shape[0] <= counts.numel() else "loop"
-        return cls(expert_of_row, counts, path)
+    """Which local expert each row goes to, and how the rows are multiplied (module docstring)."""
+    expert_of_row: torch.Tensor  # [M] local expert id (non-decreasing unless path is "gather")
+    counts: torch.Tensor | None  # [E_local] rows per expert; None on the gather path
+    path: str  # "grouped_mm", "gather" or "loop"
 
     def linear(self, rows: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        """rows [M, in] grouped by expert, weight [E_local, out, in] -> [M, out]."""
+        """rows [M, in], weight [E_local, out, in] -> [M, out]."""
         if self.path == "grouped_mm":
             offsets = torch.cumsum(self.counts, 0).to(torch.int32)
             return torch._grouped_mm(rows, weight.transpose(-2, -1), offs=offsets)
@@ -111,8 +99,8 @@ def _per_expert_loop(rows: torch.Tensor, weight: torch.Tensor, counts: torch.Ten
 
 
 class StackedWeight(nn.Module):
-    """Holds one [E, out, in] tensor under the release's name `<proj>.weight` and multiplies rows grouped
-    by expert with it. Called as a module so that FSDP's hooks gather a sharded weight first."""
+    """Holds one [E, out, in] tensor under the release's name `<proj>.weight` and multiplies rows routed
+    to experts with it. Called as a module so that FSDP's hooks gather a sharded weight first."""
 
     def __init__(self, num_experts: int, out_features: int, in_features: int):
         super().__init__()
@@ -127,15 +115,22 @@ class StackedWeight(nn.Module):
 
 
 class LocalDispatcher:
-    """Every expert lives on this device: rows stay where they are, in the sorted order."""
+    """Every expert lives on this device. Rows are grouped by expert (a stable sort) for the grouped
+    paths; the gather path multiplies each row by its own expert's matrix and needs no grouping."""
 
-    def dispatch(self, rows: torch.Tensor, routing: Routing, path: str | None = None):
-        """rows [N*k, H] sorted by expert -> (rows for the local experts, their ExpertRows, a handle for combine)."""
-        return rows, ExpertRows.of(rows, routing.expert_of_row, routing.counts, path), None
+    def dispatch(self, x: torch.Tensor, topk_idx: torch.Tensor, num_experts: int, path: str | None = None):
+        """x [N, H], topk_idx [N, k] -> (rows [N*k, H] for the experts, their ExpertRows, handle for combine)."""
+        flat = topk_idx.reshape(-1)  # [N*k], (token, slot) order
+        token_of_row = torch.arange(flat.numel(), device=x.device) // topk_idx.shape[-1]
+        path = path or choose_path(x, flat.numel(), num_experts)
+        if path == "gather":
+            return x[token_of_row], ExpertRows(flat, None, path), None
+        order = torch.argsort(flat, stable=True)
+        return x[token_of_row[order]], ExpertRows(flat[order], expert_counts(flat, num_experts), path), order
 
-    def combine(self, rows: torch.Tensor, handle) -> torch.Tensor:
-        """Expert-side rows (outputs, or any per-row values) -> this device's rows in the sorted order."""
-        return rows
+    def combine(self, rows: torch.Tensor, order) -> torch.Tensor:
+        """Expert-side rows (outputs, or any per-row values) -> [N*k, ...] in (token, slot) order."""
+        return rows if order is None else torch.empty_like(rows).index_copy_(0, order, rows)
 
 
 # ---- the MoE block -----------------------------------------------------------------------------
@@ -176,18 +171,17 @@ class MoE(nn.Module):
         shape = x.shape
         x = x.reshape(-1, shape[-1])  # [N, H]
         probs, topk_w, topk_idx = self.route(x)
-        routing = sort_by_expert(topk_idx, self.num_experts)
-        rows, experts, handle = self.dispatcher.dispatch(x[routing.token_of_row], routing, self.expert_path)
+        rows, experts, handle = self.dispatcher.dispatch(x, topk_idx, self.num_experts, self.expert_path)
         hidden = swiglu(self.gate_proj(rows, experts), self.up_proj(rows, experts), self.limit)  # [M, inter]
         out = self.down_proj(hidden, experts)  # [M, H] on the experts' side
-        out_rows = self.dispatcher.combine(out, handle)  # [N*k, H], sorted by expert
+        out_rows = self.dispatcher.combine(out, handle)  # [N*k, H] in (token, slot) order
         if self.record_routing:
-            self.last_routing = {"probs": probs, "topk_idx": topk_idx, "counts": routing.counts}
+            self.last_routing = {"probs": probs, "topk_idx": topk_idx, "counts": expert_counts(topk_idx, self.num_experts)}
             if self.record_expert_stats:
                 row_stats = self.dispatcher.combine(expert_row_stats(hidden, out), handle)
-                self.last_routing.update(expert_stats(row_stats, routing.expert_of_row, self.num_experts))
-        out_rows = out_rows * topk_w.reshape(-1)[routing.order, None].to(out_rows.dtype)
-        return torch.zeros_like(x).index_add_(0, routing.token_of_row, out_rows).reshape(shape)
+                self.last_routing.update(expert_stats(row_stats, topk_idx.reshape(-1), self.num_experts))
+        weighted = out_rows.view(*topk_idx.shape, x.shape[-1]) * topk_w[..., None].to(out_rows.dtype)  # [N, k, H]
+        return weighted.sum(1).reshape(shape)
 
 
 @torch.no_grad()

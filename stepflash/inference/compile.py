@@ -1,0 +1,140 @@
+"""The engine's compiled decode step: the model's own modules under `torch.compile`, with static shapes.
+
+A decode step of a small model is a few hundred small tensor ops, so eager PyTorch spends as much time
+dispatching them as computing. Compiled (inductor's C++ backend on CPU; Triton and CUDA graphs on GPU,
+mode "reduce-overhead") the step becomes a handful of fused kernels. Two functions are compiled:
+- `trunk`: ids [B, T] -> (trunk hidden [B, T, hidden], logits [B, T, vocab]), cache update included;
+- `mtp`: MTP module j over [B, T] fed positions -> (z [B, T, hidden], logits at one position per row).
+Prefill stays eager: any length, once per request.
+
+Shapes are static so that a graph (or CUDA graph) is reused step after step:
+- batch: a decode forward covers slots [0, B), B the smallest of `batch_buckets` holding every running
+  slot; rows with nothing to feed are padding (they write the cache's trash column and read only it);
+- tokens per row: the newest token and its drafts, padded to T in `token_buckets` (1, 2, 4, ...);
+- keys: sliding layers read a fixed ring; full layers read their whole buffer, whose size changes only
+  when it doubles. That dimension is marked dynamic, so growth does not recompile (on CUDA each size
+  gets a CUDA graph of its own, recorded once).
+The routed experts take their "gather" path at these sizes (`model/moe.py`): static, no host sync.
+On CUDA the cache buffers are marked as static addresses, which CUDA graphs need for inputs they write.
+
+Compile time is measured (the first call of each shape, `compile_seconds`) and the artefacts are cached
+between runs by inductor's FX-graph and AOTAutograd caches, under ~/.cache/stepflash/inductor unless
+TORCHINDUCTOR_CACHE_DIR says otherwise: a second run traces again but skips code generation and the
+C++ build. Without a working compiler `compiler_missing` says why and the engine stays eager.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+
+import torch
+
+log = logging.getLogger(__name__)
+
+CACHE_DIR = os.path.join(os.path.expanduser("~"), ".cache", "stepflash", "inductor")
+
+
+def compiler_missing(device: torch.device) -> str | None:
+    """None when torch.compile can generate code for `device`, else the reason in one phrase. Call it
+    before anything else touches inductor: it also points inductor's cache at CACHE_DIR (first use wins)."""
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", CACHE_DIR)
+    if device.type == "cuda":
+        try:
+            import triton  # noqa: F401
+        except ImportError:
+            return "triton is not installed"
+        return None
+    if device.type != "cpu":
+        return f"no compiled decode for device {device.type}"
+    try:
+        from torch._inductor.cpp_builder import get_cpp_compiler
+
+        get_cpp_compiler()
+    except Exception as e:  # noqa: BLE001 - any failure to find a compiler means eager
+        return f"no C++ compiler for inductor ({str(e).splitlines()[0] if str(e) else type(e).__name__})"
+    return None
+
+
+def buckets(limit: int) -> list[int]:
+    """1, 2, 4, ... below `limit`, then `limit` itself."""
+    out = [1]
+    while out[-1] * 2 < limit:
+        out.append(out[-1] * 2)
+    return out + ([limit] if limit > 1 else [])
+
+
+def bucket_of(n: int, sizes: list[int]) -> int:
+    return next(s for s in sizes if s >= n)
+
+
+class CompiledDecode:
+    def __init__(self, model, cache, max_batch_size: int, max_tokens: int):
+        """max_tokens: the most tokens a row feeds in one decode step (1 + the most drafts)."""
+        self.model, self.cache = model, cache
+        self.batch_buckets = buckets(max_batch_size)
+        self.token_buckets = buckets(max_tokens)
+        cuda = next(model.parameters()).device.type == "cuda"
+        # CPU: the generated wrapper in C++ (a Python wrapper costs ~1 ms a step at these sizes).
+        options = {"triton.cudagraphs": True} if cuda else {"cpp_wrapper": True}
+        self._trunk = torch.compile(self._trunk_step, dynamic=False, options=options)
+        self._mtp = torch.compile(self._mtp_step, dynamic=False, options=options)
+        self.cuda = cuda
+        self.compile_seconds = 0.0
+        self._seen: set[tuple] = set()
+
+    # ---- the compiled functions (the model's own modules) -------------------------------------
+    def _trunk_step(self, ids: torch.Tensor, pos: torch.Tensor):
+        h = self.model.trunk(ids, pos, self.cache)  # [B, T, hidden]
+        return h, self.model.head(h)
+
+    def _mtp_step(self, j: int, ids: torch.Tensor, h_in: torch.Tensor, pos: torch.Tensor, last: torch.Tensor):
+        z = self.model.mtp_block(j, ids, h_in, pos, self.cache)  # [B, T, hidden]
+        return z, self.model.mtp_head(j, z[torch.arange(z.shape[0], device=z.device), last])
+
+    # ---- what the engine calls --------------------------------------------------------------
+    def trunk(self, ids: torch.Tensor, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """After `cache.begin(TRUNK, 0, B, T, ...)`: (h [B, T, hidden], logits [B, T, vocab])."""
+        return self._call(("trunk", *ids.shape), self._trunk, ids, pos)
+
+    def mtp(self, j: int, ids: torch.Tensor, h_in: torch.Tensor, pos: torch.Tensor, last: torch.Tensor):
+        """After `cache.begin(mtp_group(j), 0, B, T, ...)`: (z [B, T, hidden], logits [B, vocab] at `last`)."""
+        return self._call(("mtp", j, *ids.shape), self._mtp, j, ids, h_in, pos, last)
+
+    def _call(self, key: tuple, fn, *args):
+        self._mark_dynamic()
+        if self.cuda:
+            torch.compiler.cudagraph_mark_step_begin()
+        if key in self._seen:
+            # Guards of ~1000 module attributes cost ~1.5 ms a step on CPU. A shape seen before ran the
+            # full guards once; now only those telling the compiled graphs apart are checked. (So
+            # changing the model's Python attributes after the first step is not seen: make a new Engine.)
+            with torch.compiler.set_stance("default", skip_guard_eval_unsafe=True):
+                return _owned(fn(*args), self.cuda)
+        t0 = time.perf_counter()
+        out = _owned(fn(*args), self.cuda)
+        seconds = time.perf_counter() - t0
+        self._seen.add(key)
+        self.compile_seconds += seconds
+        log.info("compiled decode %s in %.1f s", key, seconds)
+        return out
+
+    def _mark_dynamic(self) -> None:
+        """CPU: full-layer buffers and masks change size when the cache grows; one graph serves every
+        size. CUDA: CUDA graphs need the cache at fixed addresses; a grown buffer is a new graph."""
+        cache = self.cache
+        for i, sliding in enumerate(cache.sliding):
+            for buf in (cache.k[i], cache.v[i]):
+                if self.cuda:
+                    torch._dynamo.mark_static_address(buf, guard=True)
+                elif not sliding:
+                    torch._dynamo.mark_dynamic(buf, 2)
+        plan = cache._plan
+        if not self.cuda and plan is not None and plan.full_mask is not None:
+            torch._dynamo.mark_dynamic(plan.full_mask, 3)
+
+
+def _owned(out: tuple, cuda: bool) -> tuple:
+    """CUDA graph outputs live in a pool the next replay overwrites: keep copies."""
+    return tuple(t.clone() for t in out) if cuda else out
