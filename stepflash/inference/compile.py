@@ -10,11 +10,14 @@ Prefill stays eager: any length, once per request.
 Shapes are static so that a graph (or CUDA graph) is reused step after step:
 - batch: a decode forward covers slots [0, B), B the smallest of `batch_buckets` holding every running
   slot; rows with nothing to feed are padding (they write the cache's trash column and read only it);
-- tokens per row: the newest token and its drafts, padded to T in `token_buckets` (1, 2, 4, ...);
+- tokens per row: 1 (plain decoding), or the newest token and its drafts padded to 1 + the most drafts
+  (so speculative decoding needs one verify graph and one graph per MTP module, whatever it accepts);
 - keys: sliding layers read a fixed ring; full layers read their whole buffer, whose size changes only
   when it doubles. That dimension is marked dynamic, so growth does not recompile (on CUDA each size
   gets a CUDA graph of its own, recorded once).
-The routed experts take their "gather" path at these sizes (`model/moe.py`): static, no host sync.
+The routed experts must take a static path (`model/moe.py`): "gather" while a step's rows (batch x
+tokens x top-k) do not outnumber the experts, or CUDA's grouped GEMM. A bigger step would break the
+graph at every MoE layer; it runs eager instead (`covers`), where per-op costs are spread over its rows.
 On CUDA the cache buffers are marked as static addresses, which CUDA graphs need for inputs they write.
 
 Compile time is measured (the first call of each shape, `compile_seconds`) and the artefacts are cached
@@ -28,8 +31,11 @@ from __future__ import annotations
 import logging
 import os
 import time
+import types
 
 import torch
+
+from stepflash.model.moe import choose_path
 
 log = logging.getLogger(__name__)
 
@@ -74,33 +80,44 @@ class CompiledDecode:
         """max_tokens: the most tokens a row feeds in one decode step (1 + the most drafts)."""
         self.model, self.cache = model, cache
         self.batch_buckets = buckets(max_batch_size)
-        self.token_buckets = buckets(max_tokens)
+        self.token_buckets = sorted({1, max_tokens})
         cuda = next(model.parameters()).device.type == "cuda"
         # CPU: the generated wrapper in C++ (a Python wrapper costs ~1 ms a step at these sizes).
         options = {"triton.cudagraphs": True} if cuda else {"cpp_wrapper": True}
-        self._trunk = torch.compile(self._trunk_step, dynamic=False, options=options)
-        self._mtp = torch.compile(self._mtp_step, dynamic=False, options=options)
+        self._trunk = torch.compile(_own_code(self._trunk_step), dynamic=False, options=options)
+        self._mtp = torch.compile(_own_code(self._mtp_step), dynamic=False, options=options)
         self.cuda = cuda
         self.compile_seconds = 0.0
         self._seen: set[tuple] = set()
 
     # ---- the compiled functions (the model's own modules) -------------------------------------
-    def _trunk_step(self, ids: torch.Tensor, pos: torch.Tensor):
-        h = self.model.trunk(ids, pos, self.cache)  # [B, T, hidden]
+    def _trunk_code(self):
+        """The code object dynamo keeps the trunk step's graphs on (tests count them)."""
+        return self._trunk._torchdynamo_orig_callable.__func__.__code__
+
+    def covers(self, batch: int, tokens: int) -> bool:
+        """Whether a decode step of this many slots and tokens per row runs compiled."""
+        cfg, weight = self.model.config, self.model.lm_head.weight
+        return choose_path(weight, batch * tokens * cfg.moe_top_k, cfg.moe_num_experts) != "loop"
+
+    # The cache's masks and write columns are computed inside the step (`plan_tensors`): fused, not
+    # a dozen small eager ops.
+    def _trunk_step(self, ids: torch.Tensor):
+        h = self.model.trunk(ids, self.cache.plan_tensors(), self.cache)  # [B, T, hidden]
         return h, self.model.head(h)
 
-    def _mtp_step(self, j: int, ids: torch.Tensor, h_in: torch.Tensor, pos: torch.Tensor, last: torch.Tensor):
-        z = self.model.mtp_block(j, ids, h_in, pos, self.cache)  # [B, T, hidden]
+    def _mtp_step(self, j: int, ids: torch.Tensor, h_in: torch.Tensor, last: torch.Tensor):
+        z = self.model.mtp_block(j, ids, h_in, self.cache.plan_tensors(), self.cache)  # [B, T, hidden]
         return z, self.model.mtp_head(j, z[torch.arange(z.shape[0], device=z.device), last])
 
     # ---- what the engine calls --------------------------------------------------------------
-    def trunk(self, ids: torch.Tensor, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """After `cache.begin(TRUNK, 0, B, T, ...)`: (h [B, T, hidden], logits [B, T, vocab])."""
-        return self._call(("trunk", *ids.shape), self._trunk, ids, pos)
+    def trunk(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """After `cache.reserve(TRUNK, 0, B, T, ...)`: (h [B, T, hidden], logits [B, T, vocab])."""
+        return self._call(("trunk", *ids.shape), self._trunk, ids)
 
-    def mtp(self, j: int, ids: torch.Tensor, h_in: torch.Tensor, pos: torch.Tensor, last: torch.Tensor):
-        """After `cache.begin(mtp_group(j), 0, B, T, ...)`: (z [B, T, hidden], logits [B, vocab] at `last`)."""
-        return self._call(("mtp", j, *ids.shape), self._mtp, j, ids, h_in, pos, last)
+    def mtp(self, j: int, ids: torch.Tensor, h_in: torch.Tensor, last: torch.Tensor):
+        """After `cache.reserve(mtp_group(j), 0, B, T, ...)`: (z [B, T, hidden], logits [B, vocab] at `last`)."""
+        return self._call(("mtp", j, *ids.shape), self._mtp, j, ids, h_in, last)
 
     def _call(self, key: tuple, fn, *args):
         self._mark_dynamic()
@@ -121,18 +138,25 @@ class CompiledDecode:
         return out
 
     def _mark_dynamic(self) -> None:
-        """CPU: full-layer buffers and masks change size when the cache grows; one graph serves every
-        size. CUDA: CUDA graphs need the cache at fixed addresses; a grown buffer is a new graph."""
+        """CPU: full-layer buffers change size when the cache grows; one graph serves every size. CUDA: CUDA graphs need the cache at fixed addresses; a grown buffer is a new graph."""
         cache = self.cache
         for i, sliding in enumerate(cache.sliding):
             for buf in (cache.k[i], cache.v[i]):
                 if self.cuda:
                     torch._dynamo.mark_static_address(buf, guard=True)
-                elif not sliding:
+                elif not sliding and 2 not in getattr(buf, "_dynamo_dynamic_indices", ()):
                     torch._dynamo.mark_dynamic(buf, 2)
-        plan = cache._plan
-        if not self.cuda and plan is not None and plan.full_mask is not None:
-            torch._dynamo.mark_dynamic(plan.full_mask, 3)
+        if self.cuda:  # the ring position tables are written by the step too
+            for table in cache.slot_pos:
+                torch._dynamo.mark_static_address(table, guard=True)
+
+
+def _own_code(method):
+    """The bound method with a code object of its own: dynamo keeps compiled graphs (and counts them
+    against its recompile limit) per code object, so every engine gets a cache of its own."""
+    f = method.__func__
+    fresh = types.FunctionType(f.__code__.replace(), f.__globals__, f.__name__, f.__defaults__, f.__closure__)
+    return types.MethodType(fresh, method.__self__)
 
 
 def _owned(out: tuple, cuda: bool) -> tuple:

@@ -32,7 +32,7 @@ from stepflash.inference.compile import CompiledDecode, bucket_of, compiler_miss
 from stepflash.inference.kv_cache import TRUNK, KVCache
 from stepflash.inference.sampling import row_params, target_probs, token_logprobs, uniforms
 from stepflash.inference.scheduler import Request, SamplingParams, Scheduler
-from stepflash.inference.speculative import DraftRow, MTPDrafter, verify
+from stepflash.inference.speculative import DraftRow, MTPDrafter, verify, verify_greedy
 
 __all__ = ["Engine", "GenerationResult", "SamplingParams", "StepOutput"]
 
@@ -57,7 +57,8 @@ class GenerationResult:
 
 
 class Engine:
-    def __init__(self, model, max_batch_size: int = 8, device=None, *, cache_slack: int = 8, compile: bool = False):
+    def __init__(self, model, max_batch_size: int = 8, device=None, *, cache_slack: int = 8, cache_capacity: int = 256,
+                 compile: bool = False):
         """The engine runs the model's own modules and keeps references to its parameters: in-place
         updates (optimizer steps, load_state_dict) are seen by the next step; replacing Parameter
         objects needs a new Engine. compile: run decode steps through `torch.compile` (`compile.py`);
@@ -72,7 +73,8 @@ class Engine:
         self.context = cfg.max_position_embeddings
         self.eos = frozenset(cfg.eos_token_ids)
         with torch.inference_mode():
-            self.cache = KVCache(cfg, max_batch_size, device=self.device, dtype=self.dtype, slack=cache_slack)
+            self.cache = KVCache(cfg, max_batch_size, device=self.device, dtype=self.dtype, slack=cache_slack,
+                                 capacity=cache_capacity)
             self.drafter = MTPDrafter(model, self.cache, max_batch_size, self.device, self.dtype)
         self.scheduler = Scheduler(max_batch_size)
         self._ids = itertools.count()
@@ -187,7 +189,8 @@ class Engine:
         if compiled:  # static shapes: slots [0, B) and T from their buckets (compile.py)
             lo, hi = 0, bucket_of(reqs[-1].slot + 1, compiled.batch_buckets)
             T = bucket_of(max(map(len, feeds)), compiled.token_buckets)
-        else:
+            compiled = compiled if compiled.covers(hi, T) else None
+        if not compiled:
             lo, hi, T = reqs[0].slot, reqs[-1].slot + 1, max(map(len, feeds))
         feed = {r.slot - lo: f for r, f in zip(reqs, feeds)}
         ids = torch.zeros(hi - lo, T, dtype=torch.long)  # rows right-padded; idle rows all padding
@@ -197,12 +200,14 @@ class Engine:
             for r in reqs:
                 self.cache.reset(r.slot)
         starts = self.cache.lengths[TRUNK][lo:hi]
-        pos = self.cache.begin(TRUNK, lo, hi, T, [len(feed.get(i, ())) for i in range(hi - lo)])
+        valid = [len(feed.get(i, ())) for i in range(hi - lo)]
         rows = torch.tensor([r.slot - lo for r in reqs], device=self.device)
         if compiled:  # the newest token and every draft
-            h, logits = compiled.trunk(ids.to(self.device), pos)  # [B, T, hidden], [B, T, V]
+            self.cache.reserve(TRUNK, lo, hi, T, valid)
+            h, logits = compiled.trunk(ids.to(self.device))  # [B, T, hidden], [B, T, V]
             logits = logits[rows]
         else:
+            pos = self.cache.begin(TRUNK, lo, hi, T, valid)
             h = self.model.trunk(ids.to(self.device), pos, self.cache)  # [b, T, hidden]
             if prefill:  # only the last prompt token predicts something new
                 last = torch.tensor([len(r.prompt) - 1 for r in reqs], device=self.device)
@@ -240,13 +245,18 @@ class Engine:
         n, Tv, V = logits.shape
         K, dev = Tv - 1, self.device
         k = k or [0] * n
-        temp, top_k, top_p = (t.repeat_interleave(Tv) for t in row_params([r.params for r in reqs], dev))
-        p = target_probs(logits.reshape(n * Tv, V), temp, top_k, top_p).reshape(n, Tv, V)
         drafts = torch.zeros(n, K, dtype=torch.long)
         for i, r in enumerate(reqs):
             if k[i]:
                 drafts[i, : k[i]] = torch.tensor(r.drafts)
         drafts = drafts.to(dev)
+        if all(r.params.temperature <= 0 for r in reqs):  # greedy rows only: no distributions needed
+            best = logits.float().argmax(-1)  # [n, K+1]
+            a = verify_greedy(best, drafts, torch.tensor(k, device=dev))
+            lp = torch.log_softmax(logits.float(), -1).gather(-1, best[..., None]).squeeze(-1)
+            return a.tolist(), best.tolist(), lp.tolist()
+        temp, top_k, top_p = (t.repeat_interleave(Tv) for t in row_params([r.params for r in reqs], dev))
+        p = target_probs(logits.reshape(n * Tv, V), temp, top_k, top_p).reshape(n, Tv, V)
         u = uniforms([r.generator for r in reqs], [ki + 1 for ki in k], K + 1, dev)  # k accept tests + 1 draw
         k_t = torch.tensor(k, device=dev)
         slots = torch.tensor([r.slot for r in reqs], device=dev)

@@ -41,16 +41,20 @@ def mtp_group(j: int) -> int:
 
 @dataclass
 class _Plan:
-    """What one `begin` decided for the layers of its group; read by every `update` of that forward."""
+    """What one `begin` decided for the layers of its group; read by every `update` of that forward.
+    `reserve` fills the host part, `plan_tensors` the tensors (inside a compiled step, if there is one)."""
     group: int
     lo: int
     hi: int
-    rows: torch.Tensor  # [b, 1] slot of each row, for advanced indexing into the whole buffers
+    T: int
+    start: torch.Tensor  # [b, 1] each row's length before this forward
+    valid: torch.Tensor  # [b, 1] real tokens of each row
+    ring_concat: bool  # a chunk longer than the ring slack (prefill): attend to [old ring | new keys]
+    rows: torch.Tensor | None = None  # [b, 1] slot of each row, for advanced indexing into the whole buffers
     full_cols: torch.Tensor | None = None  # [b, T] write column per token (0 = trash)
     full_mask: torch.Tensor | None = None  # [b, 1, T, 1 + capacity]
     ring_cols: torch.Tensor | None = None  # [b, T]
     ring_mask: torch.Tensor | None = None  # [b, 1, T, R+1] or [b, 1, T, R+1+T] when concatenating
-    ring_concat: bool = False
 
 
 class KVCache:
@@ -111,32 +115,41 @@ class KVCache:
         """Announce a forward of T tokens per row over slots [lo, hi); returns position ids [b, T].
 
         Row r's first valid[r] tokens are real, the rest padding; lengths advance by valid[r]."""
+        self.reserve(group, lo, hi, T, valid)
+        return self.plan_tensors()
+
+    def reserve(self, group: int, lo: int, hi: int, T: int, valid: list[int] | None = None) -> None:
+        """The host half of `begin`: lengths, buffer growth and the plan's inputs (no tensor math)."""
         b = hi - lo
         valid = [T] * b if valid is None else list(valid)
         assert len(valid) == b and all(0 <= v <= T for v in valid)
         starts = self.lengths[group][lo:hi]
-        dev = self.device
-        start_t = torch.tensor(starts, device=dev)[:, None]  # [b, 1]
-        valid_t = torch.tensor(valid, device=dev)[:, None]  # [b, 1]
-        t = torch.arange(T, device=dev)[None, :]  # [1, T]
-        pos = start_t + t  # [b, T]
-        real = t < valid_t  # [b, T] real (non-padding) tokens
-        plan = _Plan(group, lo, hi, torch.arange(lo, hi, device=dev)[:, None])
         ends = [s + v for s, v in zip(starts, valid)]
         if self._group_has(group, sliding=False):
             self._grow(max(ends))
+        for r, e in enumerate(ends):
+            self.lengths[group][lo + r] = e
+        both = torch.tensor([starts, valid], device=self.device)[:, :, None]  # [2, b, 1]
+        self._plan = _Plan(group, lo, hi, T, both[0], both[1], T > self.slack + 1)
+
+    def plan_tensors(self) -> torch.Tensor:
+        """The tensor half of `begin`: write columns and masks of the reserved forward, and the ring's
+        position table; returns position ids [b, T]. Pure tensor code, so a compiled step includes it."""
+        plan, dev = self._plan, self.device
+        t = torch.arange(plan.T, device=dev)[None, :]  # [1, T]
+        pos = plan.start + t  # [b, T]
+        real = t < plan.valid  # [b, T] real (non-padding) tokens
+        plan.rows = torch.arange(plan.lo, plan.hi, device=dev)[:, None]
+        if self._group_has(plan.group, sliding=False):
             # Attention sees every column (masked past each row's end): the key count changes only when
             # the buffers grow, not every step, which is what a compiled decode step needs.
-            keys = 1 + self.capacity
+            keys = self.k[self.sliding.index(False)].shape[2]  # 1 + capacity
             plan.full_cols = torch.where(real, pos + 1, 0)
             kpos = torch.arange(keys, device=dev) - 1  # [S] position held by each column, trash = -1
             see = (kpos >= 0) & (kpos[None, None, :] <= pos[:, :, None])  # [b, T, S]
             plan.full_mask = self._pad_queries(see, real)
-        if self._group_has(group, sliding=True):
-            self._plan_ring(plan, pos, real, valid_t, T)
-        for r, e in enumerate(ends):
-            self.lengths[group][lo + r] = e
-        self._plan = plan
+        if self._group_has(plan.group, sliding=True):
+            self._plan_ring(plan, pos, real)
         return pos
 
     def _pad_queries(self, see: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
@@ -145,18 +158,17 @@ class KVCache:
         trash_only[0] = True
         return torch.where(real[:, :, None], see, trash_only)[:, None]
 
-    def _plan_ring(self, plan: _Plan, pos, real, valid_t, T: int) -> None:
-        R, W = self.ring, self.window
+    def _plan_ring(self, plan: _Plan, pos, real) -> None:
+        R, W, T = self.ring, self.window, plan.T
         sp = self.slot_pos[plan.group][plan.lo: plan.hi]  # [b, R+1] view
         q = pos[:, :, None]  # [b, T, 1]
-        if T <= self.slack + 1:
+        if not plan.ring_concat:
             # Write first, then attend over the ring: the chunk evicts nothing its own queries need.
             cols = torch.where(real, 1 + pos % R, 0)  # [b, T]
             sp.scatter_(1, cols, torch.where(real, pos, -1))
             sp[:, 0] = -1
             kp = sp[:, None, :]  # [b, 1, R+1]
             see = (kp >= 0) & (kp <= q) & (kp > q - W)
-            plan.ring_concat = False
         else:
             # Long chunk: attend to [old ring | new keys]; then keep the last R real keys of each row.
             kp_old = sp[:, None, :]
@@ -164,11 +176,10 @@ class KVCache:
             kp_new = torch.where(real, pos, -1)[:, None, :]  # [b, 1, T]
             see_new = (kp_new >= 0) & (kp_new <= q) & (kp_new > q - W)  # [b, T, T]
             see = torch.cat([see_old, see_new], dim=-1)
-            keep = real & (torch.arange(T, device=pos.device)[None, :] >= valid_t - R)
+            keep = real & (torch.arange(T, device=pos.device)[None, :] >= plan.valid - R)
             cols = torch.where(keep, 1 + pos % R, 0)
             sp.scatter_(1, cols, torch.where(keep, pos, -1))
             sp[:, 0] = -1
-            plan.ring_concat = True
         plan.ring_cols = cols
         plan.ring_mask = self._pad_queries(see, real)
 

@@ -87,7 +87,6 @@ class MTPDrafter:
             ids = torch.zeros(b, M, dtype=torch.long)
             for i, t in enumerate(toks):
                 ids[i, : len(t)] = torch.tensor(t, dtype=torch.long)
-            pos = self.cache.begin(group, lo, hi, M, lens)
             if j == 0:
                 h_in = h[:, :M]
             else:
@@ -99,8 +98,10 @@ class MTPDrafter:
                 h_in = both.gather(1, idx[:, :, None].expand(b, M, both.shape[-1]))
             last = torch.tensor([max(m - 1, 0) for m in lens], device=dev)
             if compiled:
-                z, logits = compiled.mtp(j, ids.to(dev), h_in, pos, last)  # [b, M, hidden], [b, vocab]
+                self.cache.reserve(group, lo, hi, M, lens)
+                z, logits = compiled.mtp(j, ids.to(dev), h_in, last)  # [b, M, hidden], [b, vocab]
             else:
+                pos = self.cache.begin(group, lo, hi, M, lens)
                 z = self.model.mtp_block(j, ids.to(dev), h_in, pos, self.cache)  # [b, M, hidden]
                 logits = self.model.mtp_head(j, z[torch.arange(b, device=dev), last])  # [b, vocab]
             act = torch.tensor([r.row for r in active], device=dev)
@@ -146,3 +147,13 @@ def verify(p: torch.Tensor, drafts: torch.Tensor, q: torch.Tensor, k: torch.Tens
     residual = torch.where(residual.sum(-1, keepdim=True) > 0, residual, p[rows, a.clamp(max=K - 1)])
     dist = torch.where((a >= k)[:, None], p[rows, k], residual)  # bonus from p when every draft passed
     return a, sample(dist, u_final)
+
+
+def verify_greedy(best: torch.Tensor, drafts: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """`verify` for greedy rows, where p and q are one-hot: best [b, K+1] argmax of the target at each
+    verified position, drafts [b, K], k [b] -> accepted counts a [b]. A draft is accepted while it equals
+    the argmax; the final token is best[a] (the correction, or the bonus when a = k), so the emitted
+    tokens are best[:, : a + 1], exactly plain greedy decoding."""
+    K = drafts.shape[1]
+    ok = (drafts == best[:, :K]) & (torch.arange(K, device=best.device)[None, :] < k[:, None])
+    return ok.long().cumprod(-1).sum(-1)

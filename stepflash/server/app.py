@@ -163,6 +163,8 @@ class ServeArgs:
     model_name: str | None = field(default=None, metadata={"help": "name clients use (default: directory name)"})
     device: str = field(default="auto", metadata={"help": "cpu, cuda, cuda:1, ... (auto: cuda if available)"})
     dtype: str | None = field(default=None, metadata={"help": "float32, bfloat16, float16 (default: checkpoint's)"})
+    compile: bool = field(default=False, metadata={"help": "decode with torch.compile (CUDA graphs on GPU); the "
+                                                           "first requests wait for the compilation"})
     chat_template: str = field(default="auto", metadata={
         "help": "auto (the checkpoint's tokenizer_config.json template, else built-in), builtin, or a .jinja file"})
 
@@ -189,7 +191,7 @@ def run(args: ServeArgs) -> int:
     mtp = min(args.mtp, model.config.num_nextn_predict_layers)
     if mtp < args.mtp:
         log.warning("--mtp %d: the checkpoint has %d MTP modules; drafting %d tokens", args.mtp, mtp, mtp)
-    engine = Engine(model, max_batch_size=args.max_batch, device=device)
+    engine = Engine(model, max_batch_size=args.max_batch, device=device, compile=args.compile)
     app = create_app(engine, tokenizer, args.model_name or _dir_name(args.checkpoint),
                      chat_template=resolve_chat_template(args.chat_template, args.checkpoint),
                      api_key=args.api_key or os.environ.get("STEPFLASH_API_KEY") or None,
