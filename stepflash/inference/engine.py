@@ -29,10 +29,10 @@ import torch
 
 from stepflash.errors import UserError
 from stepflash.inference.compile import CompiledDecode, bucket_of, compiler_missing
-from stepflash.inference.kv_cache import TRUNK, KVCache
+from stepflash.inference.kv_cache import TRUNK, KVCache, mtp_group
 from stepflash.inference.sampling import row_params, target_probs, token_logprobs, uniforms
 from stepflash.inference.scheduler import Request, SamplingParams, Scheduler
-from stepflash.inference.speculative import DraftRow, MTPDrafter, verify, verify_greedy
+from stepflash.inference.speculative import DraftPolicy, DraftRow, MTPDrafter, verify, verify_greedy
 
 __all__ = ["Engine", "GenerationResult", "SamplingParams", "StepOutput"]
 
@@ -58,11 +58,13 @@ class GenerationResult:
 
 class Engine:
     def __init__(self, model, max_batch_size: int = 8, device=None, *, cache_slack: int = 8, cache_capacity: int = 256,
-                 compile: bool = False):
+                 compile: bool = False, adaptive_drafts: bool = True):
         """The engine runs the model's own modules and keeps references to its parameters: in-place
         updates (optimizer steps, load_state_dict) are seen by the next step; replacing Parameter
         objects needs a new Engine. compile: run decode steps through `torch.compile` (`compile.py`);
-        without a compiler the engine stays eager and `compile_note` says why."""
+        without a compiler the engine stays eager and `compile_note` says why. adaptive_drafts: a
+        speculative request drafts up to its `speculative_tokens`, as many as pay (`DraftPolicy`);
+        False drafts exactly that many every step (to measure acceptance at a fixed k)."""
         if device is not None:
             model = model.to(device)
         self.model = model.eval()
@@ -76,6 +78,8 @@ class Engine:
             self.cache = KVCache(cfg, max_batch_size, device=self.device, dtype=self.dtype, slack=cache_slack,
                                  capacity=cache_capacity)
             self.drafter = MTPDrafter(model, self.cache, max_batch_size, self.device, self.dtype)
+        n = cfg.num_nextn_predict_layers
+        self.policy = DraftPolicy(n, self.drafter.S) if adaptive_drafts else None
         self.scheduler = Scheduler(max_batch_size)
         self._ids = itertools.count()
         self.compiled: CompiledDecode | None = None
@@ -214,6 +218,8 @@ class Engine:
                 logits = self.model.head(h[rows, last])[:, None]  # [n, 1, V]
             else:
                 logits = self.model.head(h[rows])  # [n, T, V]
+        if any(r.params.speculative_tokens for r in reqs):  # module 0's inputs, for catching up later
+            self.drafter.record(0, lo, starts, valid, h)
         accepted, emitted, logprobs = self._decide(reqs, logits, [] if prefill else [len(r.drafts) for r in reqs])
         now = time.perf_counter()
         outputs, draft_rows = [], []
@@ -229,14 +235,30 @@ class Engine:
                 for j in range(len(r.drafts)):
                     r.pos_tried[j] += 1
                     r.pos_accepted[j] += j < a
+                if self.policy:
+                    self.policy.observe_verify(r, len(r.drafts), a)
             outputs.append(self._emit(r, toks[: a + 1], lps[: a + 1], now))
-            want = 0 if r.finished else min(r.params.speculative_tokens, r.remaining - 1)
+            want = 0 if r.finished else self._draft_count(r, len(reqs))
             if want > 0:
                 draft_rows.append(DraftRow(r.slot - lo, r.slot, want, start, self.cache.lengths[TRUNK][r.slot],
                                            r.tokens, r.params, r.generator, r.drafts))
+        t1 = time.perf_counter()
+        if not prefill and self.policy:
+            self.policy.observe("verify", len(reqs), max(map(len, feeds)) - 1, t1 - t0)
         if draft_rows:
             self.drafter.draft(lo, hi, draft_rows, h, compiled)
+            if not prefill and self.policy:
+                self.policy.observe("draft", len(reqs), max(r.k for r in draft_rows), time.perf_counter() - t1)
         return outputs
+
+    def _draft_count(self, r: Request, rows: int) -> int:
+        limit = min(r.params.speculative_tokens, r.remaining - 1)
+        if limit <= 0 or not self.policy:
+            return max(limit, 0)
+        n = self.cache.lengths[TRUNK][r.slot]
+        lags = [n - self.cache.lengths[mtp_group(j)][r.slot] for j in range(limit)]
+        self.policy.rows = rows
+        return self.policy.choose(r, limit, lags)
 
     def _decide(self, reqs: list[Request], logits: torch.Tensor, k: list[int]):
         """logits [n, K+1, V] at the verified positions, k[i] drafts of row i (none at prefill) ->

@@ -70,7 +70,7 @@ def accepted_length(model, prompts: list[list[int]], k: int = 3, max_new_tokens:
     if k < 1 or k > len(model.mtp_layers):
         raise UserError(f"k must be in 1..{len(model.mtp_layers)} (the model's MTP modules), got {k}")
     was_training = model.training
-    engine = Engine(model, max_batch_size=batch_size)
+    engine = Engine(model, max_batch_size=batch_size, adaptive_drafts=False)  # k drafts every step
     accepted = steps = 0
     pos_acc, pos_tried = [0.0] * k, [0.0] * k
     for i in range(0, len(prompts), batch_size):
