@@ -88,7 +88,8 @@ class CompiledDecode:
         self._mtp = torch.compile(_own_code(self._mtp_step), dynamic=False, options=options)
         self.cuda = cuda
         self.compile_seconds = 0.0
-        self._seen: set[tuple] = set()
+        self._guarded: set[tuple] = set()  # (shape, cache capacity) called once with full guards
+        self._timed: set[tuple] = set()
 
     # ---- the compiled functions (the model's own modules) -------------------------------------
     def _trunk_code(self):
@@ -119,26 +120,29 @@ class CompiledDecode:
         """After `cache.reserve(mtp_group(j), 0, B, T, ...)`: (z [B, T, hidden], logits [B, vocab] at `last`)."""
         return self._call(("mtp", j, *ids.shape), self._mtp, j, ids, h_in, last)
 
-    def _call(self, key: tuple, fn, *args):
+    def _call(self, shape: tuple, fn, *args):
         self._mark_dynamic()
         if self.cuda:
             torch.compiler.cudagraph_mark_step_begin()
-        if key in self._seen:
-            # Guards of ~1000 module attributes cost ~1.5 ms a step on CPU. A shape seen before ran the
-            # full guards once; now only those telling the compiled graphs apart are checked. (So
-            # changing the model's Python attributes after the first step is not seen: make a new Engine.)
+        if (shape, self.cache.capacity) in self._guarded:
+            # Guards of ~1000 module attributes cost ~1.5 ms a step on CPU. A shape (and cache size: CUDA
+            # graphs hold buffer addresses) seen before ran the full guards once; now only those telling
+            # the compiled graphs apart are checked. (So changing the model's Python attributes after the
+            # first step is not seen: make a new Engine.)
             with torch.compiler.set_stance("default", skip_guard_eval_unsafe=True):
                 return _owned(fn(*args), self.cuda)
         t0 = time.perf_counter()
         out = _owned(fn(*args), self.cuda)
-        seconds = time.perf_counter() - t0
-        self._seen.add(key)
-        self.compile_seconds += seconds
-        log.info("compiled decode %s in %.1f s", key, seconds)
+        self._guarded.add((shape, self.cache.capacity))
+        if shape not in self._timed:  # the first call of a shape is the one that compiles
+            self._timed.add(shape)
+            self.compile_seconds += time.perf_counter() - t0
+            log.info("compiled decode %s in %.1f s", shape, time.perf_counter() - t0)
         return out
 
     def _mark_dynamic(self) -> None:
-        """CPU: full-layer buffers change size when the cache grows; one graph serves every size. CUDA: CUDA graphs need the cache at fixed addresses; a grown buffer is a new graph."""
+        """CPU: full-layer buffers change size when the cache grows; one graph serves every size.
+        CUDA: CUDA graphs need the cache at fixed addresses; a grown buffer is a new graph."""
         cache = self.cache
         for i, sliding in enumerate(cache.sliding):
             for buf in (cache.k[i], cache.v[i]):
