@@ -9,9 +9,11 @@ Prints markdown tables:
    in a manual loop, and llama.cpp when `benchmarks/llamacpp.py` provides `decode_tok_s` (the GGUF export
    is built separately; without it the column says "-"). Each cell is the best of --repeats runs, the
    implementations interleaved; rates per wall second and per CPU-second of this process (`Clock`);
-2. MTP self-speculative decoding vs plain decoding at batch 1 on the compiled engine, with acceptance per
-   draft position (random weights accept almost nothing: pass --checkpoint for a trained model's rate);
-   "oracle drafts" replaces every draft by the true greedy token, the speed when every draft is accepted;
+2. MTP self-speculative decoding vs plain decoding at batch 1 on the compiled engine, drafting K tokens
+   every step ("fixed") and as many as the engine's draft policy finds worth it ("adaptive"), with
+   acceptance per draft position (random weights accept nothing: pass --checkpoint for a trained model);
+   "oracle drafts" replaces every draft by the true greedy token (the speed when all are accepted); then
+   the verify and draft step costs the policy measured;
 3. KV-cache bytes per sequence at 8k and 32k tokens: the release layout (S3F1) vs all layers full.
 The load average is printed beside the tables: on a shared machine, compare ratios, not absolute rates.
 """
@@ -145,34 +147,38 @@ def speed_table(args, model, engines: dict, hf, llamacpp) -> None:
 
 
 def mtp_table(args, model, engine: Engine) -> None:
+    """Plain vs --mtp K with fixed drafting (K drafts every step) and with the engine's draft policy, on
+    the model's own drafts and on oracle drafts; then the step-cost breakdown the policy measured."""
     cfg, g = model.config, torch.Generator().manual_seed(1)
     torch.set_num_threads(args.threads[0])
     prompts = torch.randint(0, cfg.vocab_size, (1, args.prompt_len), generator=g).tolist()
     print(f"\n| batch 1, compiled, {args.threads[0]} thread(s) | decode tok/s (wall / CPU) | vs plain (CPU) | "
-          "mean accepted drafts / step | acceptance per draft position | same tokens |")
-    print("|---|---|---|---|---|---|")
+          "mean accepted drafts / verify step | verify steps | acceptance per draft position | same tokens |")
+    print("|---|---|---|---|---|---|---|")
     _, base_ids, _ = ours_decode(engine, prompts, args.new_tokens)
-    n = cfg.num_nextn_predict_layers
-    runs = [("plain", 0, None)] + [(f"--mtp {k}", k, None) for k in range(1, n + 1)]
-    runs.append((f"--mtp {n}, oracle drafts", n, oracle(prompts[0], base_ids[0])))
-    results = {label: [] for label, _, _ in runs}
-    for label, k, hook in runs:  # warm-up: compiles the verify and draft shapes
-        engine.drafter.draft_hook = hook
-        ours_decode(engine, prompts, 8, mtp=k)
-    for _ in range(args.repeats):
-        for label, k, hook in runs:
-            engine.drafter.draft_hook = hook
-            rate, ids, stats = ours_decode(engine, prompts, args.new_tokens, mtp=k)
-            results[label].append((rate, ids, stats[0]))
-    engine.drafter.draft_hook = None
+    n, policy = cfg.num_nextn_predict_layers, engine.policy
+    hook = oracle(prompts[0], base_ids[0])
+    runs = [("plain", 0, None, policy), (f"--mtp {n}, fixed", n, None, None), (f"--mtp {n}, adaptive", n, None, policy),
+            (f"--mtp {n}, fixed, oracle drafts", n, hook, None), (f"--mtp {n}, adaptive, oracle drafts", n, hook, policy)]
+    results = {label: [] for label, *_ in runs}
+    for rep in range(args.repeats + 1):  # the first round warms up (compiles the verify and draft shapes)
+        for label, k, draft_hook, pol in runs:
+            engine.drafter.draft_hook, engine.policy = draft_hook, pol
+            out = ours_decode(engine, prompts, args.new_tokens if rep else 8, mtp=k)
+            if rep:
+                results[label].append(out)
+    engine.drafter.draft_hook, engine.policy = None, policy
     plain = best([r[0] for r in results["plain"]])
-    for label, k, _ in runs:
+    for label, k, *_ in runs:
         rate = best([r[0] for r in results[label]])
         _, ids, stats = results[label][-1]
-        acc = ", ".join(f"{a:.2f}" for a in stats["acceptance_per_position"]) or "-"
-        accepted = f"{stats['mean_accepted']:.2f}" if k else "-"
-        print(f"| {label} | {fmt(rate)} | {rate[1] / plain[1]:.2f}x | {accepted} | {acc} | "
-              f"{'yes' if ids == base_ids else 'NO'} |")
+        s = stats[0]
+        acc = ", ".join(f"{a:.2f}" for a in s["acceptance_per_position"]) or "-"
+        print(f"| {label} | {fmt(rate)} | {rate[1] / plain[1]:.2f}x | {s['mean_accepted']:.2f} | {s['verify_steps']} | "
+              f"{acc} | {'yes' if ids == base_ids else 'NO'} |")
+    cost = {key: min(v) * 1e3 for key, v in policy.seconds.items() if key[1] == 1}
+    print("\nstep costs the draft policy measured at batch 1 (ms, minimum of the last 16): "
+          + ", ".join(f"{kind} k={k}: {ms:.2f}" for (kind, _, k), ms in sorted(cost.items(), key=lambda x: (x[0][0], x[0][2]))))
 
 
 def kv_table() -> None:

@@ -32,15 +32,12 @@ def inductor_cache(tmp_path_factory):
 @pytest.fixture(scope="module")
 def pair():
     """(transformers model, lm_head, our model with its weights)."""
-    step3p7 = pytest.importorskip("transformers.models.step3p7")
+    pytest.importorskip("transformers.models.step3p7")
+    from test_parity_hf import hf_model
+
     cfg = make_config(2, 32, **CFG)
-    hf_cfg = step3p7.Step3p7TextConfig(**cfg.to_dict())
-    hf_cfg._attn_implementation = "eager"
     torch.manual_seed(0)
-    hf = step3p7.Step3p7TextModel(hf_cfg).eval()
-    with torch.no_grad():
-        for name, p in hf.named_parameters():
-            p.normal_(0, 0.3 if "norm" in name else 0.15)
+    hf = hf_model(cfg)
     lm_head = torch.randn(cfg.vocab_size, cfg.hidden_size) * 0.2
     ours = Step35ForCausalLM(cfg).eval()
     state = ours.state_dict()

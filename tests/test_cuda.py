@@ -7,22 +7,12 @@ import torch
 
 from stepflash.config import make_config, tiny
 from stepflash.inference.engine import Engine
-from stepflash.model import Step35ForCausalLM
 from stepflash.model.moe import MoE, moe_reference
+from test_engine import random_model
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 sm90 = pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] < 9,
                           reason="torch._grouped_mm needs sm90+")
-
-
-def random_model(cfg, seed=0):
-    torch.manual_seed(seed)
-    m = Step35ForCausalLM(cfg).eval()
-    with torch.no_grad():
-        for name, p in m.named_parameters():
-            p.normal_(0, 0.2 if "norm" in name else 0.1)
-    m.config.eos_token_id = []
-    return m
 
 
 PROMPTS = [[5, 17, 3, 44, 9], [60, 2, 2, 81, 33, 7, 19, 52, 11, 4, 90]]

@@ -11,7 +11,8 @@ Shapes are static so that a graph (or CUDA graph) is reused step after step:
 - batch: a decode forward covers slots [0, B), B the smallest of `batch_buckets` holding every running
   slot; rows with nothing to feed are padding (they write the cache's trash column and read only it);
 - tokens per row: 1 (plain decoding), or the newest token and its drafts padded to 1 + the most drafts
-  (so speculative decoding needs one verify graph and one graph per MTP module, whatever it accepts);
+  K; an MTP module's positions (up to 1 + 2K) padded to 1 + 2K: so speculative decoding needs one verify
+  graph and one graph per MTP module, whatever it accepts;
 - keys: sliding layers read a fixed ring; full layers read their whole buffer, whose size changes only
   when it doubles. That dimension is marked dynamic, so growth does not recompile (on CUDA each size
   gets a CUDA graph of its own, recorded once).
@@ -81,6 +82,8 @@ class CompiledDecode:
         self.model, self.cache = model, cache
         self.batch_buckets = buckets(max_batch_size)
         self.token_buckets = sorted({1, max_tokens})
+        # An MTP module j feeds the newly verified positions and j more (up to 1 + 2 x drafts): one size.
+        self.draft_tokens = 2 * max_tokens - 1
         cuda = next(model.parameters()).device.type == "cuda"
         # CPU: the generated wrapper in C++ (a Python wrapper costs ~1 ms a step at these sizes).
         options = {"triton.cudagraphs": True} if cuda else {"cpp_wrapper": True}

@@ -10,7 +10,9 @@ Each `step` first prefills newly admitted requests (their first token comes out 
 runs one decode forward over every request that was already running. A decode forward feeds each row
 its newest token followed by its drafts (none for plain decoding), so plain and speculative requests
 share one trunk forward; rows are padded to the longest (see `kv_cache.py`). After every trunk forward
-the speculative rows draft their next tokens with the MTP chain (`speculative.py`).
+the speculative rows draft their next tokens with the MTP chain, as many as pay (`speculative.py`).
+Everything runs the model's own modules; `compile=True` runs decode steps through `torch.compile`
+with static shapes (`compile.py`, docs/inference.md).
 
 Generated tokens include the stop token that ended a request (finish_reason "stop"); logprobs are
 those of the distribution each token was drawn from (after temperature/top-k/top-p; for greedy, the

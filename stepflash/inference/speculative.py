@@ -35,7 +35,6 @@ from dataclasses import dataclass, field
 
 import torch
 
-from stepflash.inference.compile import bucket_of
 from stepflash.inference.kv_cache import KVCache, mtp_group
 from stepflash.inference.sampling import row_params, sample, target_probs, uniforms
 
@@ -122,8 +121,8 @@ class MTPDrafter:
                 # Module j at position t reads x[t+1+j]: a verified token, or one of this pass's drafts.
                 toks[r.row] = (r.tokens[: r.n + 1] + r.drafts[:j])[c + 1 + j: r.n + 1 + j]
             M = max(lens)
-            use = compiled if compiled and M <= compiled.token_buckets[-1] else None  # catch-ups run eager
-            M = bucket_of(M, use.token_buckets) if use else M
+            use = compiled if compiled and M <= compiled.draft_tokens else None  # catch-ups run eager
+            M = use.draft_tokens if use else M
             ids = torch.zeros(b, M, dtype=torch.long)
             for i, t in enumerate(toks):
                 ids[i, : len(t)] = torch.tensor(t, dtype=torch.long)
@@ -143,15 +142,20 @@ class MTPDrafter:
 
     def _take_drafts(self, j: int, group: int, active: list[DraftRow], logits: torch.Tensor, u, dev) -> None:
         act = torch.tensor([r.row for r in active], device=dev)
-        probs = target_probs(logits[act], *row_params([r.params for r in active], dev))
-        drafts = sample(probs, u[act, j]).tolist()
+        greedy = all(r.params.temperature <= 0 for r in active)
+        if greedy:  # verified by argmax (`verify_greedy`): q is not needed
+            drafts = logits[act].float().argmax(-1).tolist()
+        else:
+            probs = target_probs(logits[act], *row_params([r.params for r in active], dev))
+            drafts = sample(probs, u[act, j]).tolist()
         if self.draft_hook is not None:
             forced = [self.draft_hook(r, j, d) for r, d in zip(active, drafts)]
             for i, (d, f) in enumerate(zip(drafts, forced)):
-                if d != f:  # the draft now comes from a point mass, and q must say so
+                if d != f and not greedy:  # the draft now comes from a point mass, and q must say so
                     probs[i].zero_()[f] = 1.0
             drafts = forced
-        self.q[torch.tensor([r.slot for r in active], device=dev), j] = probs
+        if not greedy:
+            self.q[torch.tensor([r.slot for r in active], device=dev), j] = probs
         for r, d in zip(active, drafts):
             if self.trace is not None:
                 self.trace.append({"slot": r.slot, "j": j, "context": r.tokens[: r.n + 1] + r.drafts[:j],
