@@ -189,39 +189,12 @@ class Engine:
 
     def _forward(self, reqs: list[Request], prefill: bool) -> list[StepOutput]:
         """One trunk forward over the slot range of `reqs`, then acceptance, emission and drafting."""
-        compiled = None if prefill else self.compiled
         t0 = time.perf_counter()
         feeds = [r.prompt if prefill else [r.tokens[-1]] + r.drafts for r in reqs]
-        if compiled:  # static shapes: slots [0, B) and T from their buckets (compile.py)
-            lo, hi = 0, bucket_of(reqs[-1].slot + 1, compiled.batch_buckets)
-            T = bucket_of(max(map(len, feeds)), compiled.token_buckets)
-            compiled = compiled if compiled.covers(hi, T) else None
-        if not compiled:
-            lo, hi, T = reqs[0].slot, reqs[-1].slot + 1, max(map(len, feeds))
-        feed = {r.slot - lo: f for r, f in zip(reqs, feeds)}
-        ids = torch.zeros(hi - lo, T, dtype=torch.long)  # rows right-padded; idle rows all padding
-        for i, f in feed.items():
-            ids[i, : len(f)] = torch.tensor(f, dtype=torch.long)
         if prefill:
             for r in reqs:
                 self.cache.reset(r.slot)
-        starts = self.cache.lengths[TRUNK][lo:hi]
-        valid = [len(feed.get(i, ())) for i in range(hi - lo)]
-        rows = torch.tensor([r.slot - lo for r in reqs], device=self.device)
-        if compiled:  # the newest token and every draft
-            self.cache.reserve(TRUNK, lo, hi, T, valid)
-            h, logits = compiled.trunk(ids.to(self.device))  # [B, T, hidden], [B, T, V]
-            logits = logits[rows]
-        else:
-            pos = self.cache.begin(TRUNK, lo, hi, T, valid)
-            h = self.model.trunk(ids.to(self.device), pos, self.cache)  # [b, T, hidden]
-            if prefill:  # only the last prompt token predicts something new
-                last = torch.tensor([len(r.prompt) - 1 for r in reqs], device=self.device)
-                logits = self.model.head(h[rows, last])[:, None]  # [n, 1, V]
-            else:
-                logits = self.model.head(h[rows])  # [n, T, V]
-        if any(r.params.speculative_tokens for r in reqs):  # module 0's inputs, for catching up later
-            self.drafter.record(0, lo, starts, valid, h)
+        lo, hi, starts, h, logits, compiled = self._trunk_forward(reqs, feeds, prefill)
         accepted, emitted, logprobs = self._decide(reqs, logits, [] if prefill else [len(r.drafts) for r in reqs])
         now = time.perf_counter()
         outputs, draft_rows = [], []
@@ -230,7 +203,7 @@ class Engine:
             # Keep the newest token and the accepted drafts in the trunk cache, drop the rejected ones.
             self.cache.truncate(TRUNK, r.slot, start + (len(r.prompt) if prefill else 1 + a))
             if prefill:
-                r.prefill_rate, r.t_first = sum(len(f) for f in feed.values()) / (now - t0), now
+                r.prefill_rate, r.t_first = sum(map(len, feeds)) / (now - t0), now
             elif r.drafts:
                 r.verify_steps += 1
                 r.accepted += a
@@ -252,6 +225,40 @@ class Engine:
             if not prefill and self.policy:
                 self.policy.observe("draft", len(reqs), max(r.k for r in draft_rows), time.perf_counter() - t1)
         return outputs
+
+    def _trunk_forward(self, reqs: list[Request], feeds: list[list[int]], prefill: bool):
+        """Feed each row its tokens -> (lo, hi, lengths before, h [b, T, hidden], logits [n, T or 1, V] of
+        the rows of `reqs`, the CompiledDecode used or None). A compiled decode step covers the static
+        slot range [0, B) and T from their buckets (compile.py)."""
+        compiled = None if prefill else self.compiled
+        if compiled:
+            lo, hi = 0, bucket_of(reqs[-1].slot + 1, compiled.batch_buckets)
+            T = bucket_of(max(map(len, feeds)), compiled.token_buckets)
+            compiled = compiled if compiled.covers(hi, T) else None
+        if not compiled:
+            lo, hi, T = reqs[0].slot, reqs[-1].slot + 1, max(map(len, feeds))
+        feed = {r.slot - lo: f for r, f in zip(reqs, feeds)}
+        ids = torch.zeros(hi - lo, T, dtype=torch.long)  # rows right-padded; idle rows all padding
+        for i, f in feed.items():
+            ids[i, : len(f)] = torch.tensor(f, dtype=torch.long)
+        starts = self.cache.lengths[TRUNK][lo:hi]
+        valid = [len(feed.get(i, ())) for i in range(hi - lo)]
+        rows = torch.tensor([r.slot - lo for r in reqs], device=self.device)
+        if compiled:  # the newest token and every draft
+            self.cache.reserve(TRUNK, lo, hi, T, valid)
+            h, logits = compiled.trunk(ids.to(self.device))  # [B, T, hidden], [B, T, V]
+            logits = logits[rows]
+        else:
+            pos = self.cache.begin(TRUNK, lo, hi, T, valid)
+            h = self.model.trunk(ids.to(self.device), pos, self.cache)  # [b, T, hidden]
+            if prefill:  # only the last prompt token predicts something new
+                last = torch.tensor([len(r.prompt) - 1 for r in reqs], device=self.device)
+                logits = self.model.head(h[rows, last])[:, None]  # [n, 1, V]
+            else:
+                logits = self.model.head(h[rows])  # [n, T, V]
+        if any(r.params.speculative_tokens for r in reqs):  # module 0's inputs, for catching up later
+            self.drafter.record(0, lo, starts, valid, h)
+        return lo, hi, starts, h, logits, compiled
 
     def _draft_count(self, r: Request, rows: int) -> int:
         limit = min(r.params.speculative_tokens, r.remaining - 1)
