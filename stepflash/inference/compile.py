@@ -127,18 +127,24 @@ class CompiledDecode:
         self._mark_dynamic()
         if self.cuda:
             torch.compiler.cudagraph_mark_step_begin()
-        if (shape, self.cache.capacity) in self._guarded:
+        key = (shape, self.cache.capacity, torch.get_num_threads())
+        if key in self._guarded:
             # Guards of ~1000 module attributes cost ~1.5 ms a step on CPU. A shape (and cache size: CUDA
-            # graphs hold buffer addresses) seen before ran the full guards once; now only those telling
-            # the compiled graphs apart are checked. (So changing the model's Python attributes after the
-            # first step is not seen: make a new Engine.)
-            with torch.compiler.set_stance("default", skip_guard_eval_unsafe=True):
-                return _owned(fn(*args), self.cuda)
+            # graphs hold buffer addresses; and thread count) seen before ran the full guards once; now
+            # only those telling the compiled graphs apart are checked. (So changing the model's Python
+            # attributes after the first step is not seen: make a new Engine.) Should dynamo still want
+            # to recompile, the call is repeated with every guard.
+            try:
+                with torch.compiler.set_stance("default", skip_guard_eval_unsafe=True):
+                    return _owned(fn(*args), self.cuda)
+            except RuntimeError as e:
+                if "skip_guard_eval_unsafe" not in str(e):
+                    raise
         t0 = time.perf_counter()
         out = _owned(fn(*args), self.cuda)
-        self._guarded.add((shape, self.cache.capacity))
-        if shape not in self._timed:  # the first call of a shape is the one that compiles
-            self._timed.add(shape)
+        self._guarded.add(key)
+        if key[::2] not in self._timed:  # the first call of a shape (and thread count) compiles
+            self._timed.add(key[::2])
             self.compile_seconds += time.perf_counter() - t0
             log.info("compiled decode %s in %.1f s", shape, time.perf_counter() - t0)
         return out
