@@ -1,7 +1,8 @@
 """Decode speed of the stepflash engine (eager and compiled) vs transformers' Step3p7TextModel, same weights.
 
-    python benchmarks/decode.py [--config small | --checkpoint DIR] [--threads 1 2] [--batches 1 8]
-                                [--new-tokens 64] [--prompt-len 32] [--repeats 3] [--skip-hf] [--no-mtp]
+    python benchmarks/decode.py [--config small | --checkpoint DIR [--prompts JSONL]] [--threads 1 2]
+                                [--batches 1 8] [--new-tokens 64] [--prompt-len 32] [--repeats 3] [--skip-hf]
+                                [--no-mtp] [--no-speed]
 
 Prints markdown tables:
 1. decode tokens/s after the prefill (greedy, equal-length prompts) at each thread count and batch size for
@@ -146,36 +147,64 @@ def speed_table(args, model, engines: dict, hf, llamacpp) -> None:
                   f"{'yes' if all(same) else 'NO'} |")
 
 
-def mtp_table(args, model, engine: Engine) -> None:
+def chat_prompts(path: str, checkpoint: str, n: int) -> list[list[int]]:
+    """The first n lines of a JSONL of {"messages": [...]} (or {"problem": ...}) rendered with the
+    checkpoint's chat template and tokenizer, generation prompt on."""
+    import json
+
+    from stepflash.chat import ChatTemplate
+    from stepflash.tokenizer import load_tokenizer
+
+    tok, template = load_tokenizer(checkpoint), ChatTemplate.from_checkpoint(checkpoint)
+    out = []
+    with open(path) as f:
+        for line in f:
+            row = json.loads(line)
+            messages = row.get("messages") or [{"role": "user", "content": row["problem"]}]
+            out.append(tok.encode(template.render(messages, tools=row.get("tools")), add_special_tokens=False).ids)
+            if len(out) == n:
+                break
+    return out
+
+
+def mtp_table(args, model, engine: Engine, prompts: list[list[int]]) -> None:
     """Plain vs --mtp K with fixed drafting (K drafts every step) and with the engine's draft policy, on
-    the model's own drafts and on oracle drafts; then the step-cost breakdown the policy measured."""
-    cfg, g = model.config, torch.Generator().manual_seed(1)
+    the model's own drafts and on oracle drafts; then the step-cost breakdown the policy measured.
+    Batch 1, each prompt in turn; rates over all of them."""
+    cfg = model.config
     torch.set_num_threads(args.threads[0])
-    prompts = torch.randint(0, cfg.vocab_size, (1, args.prompt_len), generator=g).tolist()
-    print(f"\n| batch 1, compiled, {args.threads[0]} thread(s) | decode tok/s (wall / CPU) | vs plain (CPU) | "
-          "mean accepted drafts / verify step | verify steps | acceptance per draft position | same tokens |")
+    print(f"\n| batch 1, compiled, {args.threads[0]} thread(s), {len(prompts)} prompt(s) | decode tok/s (wall / CPU) | "
+          "vs plain (CPU) | mean accepted drafts / verify step | verify steps | acceptance per draft position | "
+          "same tokens |")
     print("|---|---|---|---|---|---|---|")
-    _, base_ids, _ = ours_decode(engine, prompts, args.new_tokens)
+    base = [ours_decode(engine, [p], args.new_tokens)[1][0] for p in prompts]
     n, policy = cfg.num_nextn_predict_layers, engine.policy
-    hook = oracle(prompts[0], base_ids[0])
-    runs = [("plain", 0, None, policy), (f"--mtp {n}, fixed", n, None, None), (f"--mtp {n}, adaptive", n, None, policy),
-            (f"--mtp {n}, fixed, oracle drafts", n, hook, None), (f"--mtp {n}, adaptive, oracle drafts", n, hook, policy)]
-    results = {label: [] for label, *_ in runs}
+    runs = [("plain", 0, False, policy), (f"--mtp {n}, fixed", n, False, None), (f"--mtp {n}, adaptive", n, False, policy),
+            (f"--mtp {n}, fixed, oracle drafts", n, True, None), (f"--mtp {n}, adaptive, oracle drafts", n, True, policy)]
+    results: dict[str, list] = {label: [] for label, *_ in runs}
     for rep in range(args.repeats + 1):  # the first round warms up (compiles the verify and draft shapes)
-        for label, k, draft_hook, pol in runs:
-            engine.drafter.draft_hook, engine.policy = draft_hook, pol
-            out = ours_decode(engine, prompts, args.new_tokens if rep else 8, mtp=k)
+        for label, k, use_oracle, pol in runs:
+            engine.policy, wall, cpu, ids, stats = pol, 0.0, 0.0, [], []
+            for p, b in zip(prompts if rep else prompts[:1], base):
+                engine.drafter.draft_hook = oracle(p, b) if use_oracle else None
+                (w, c), out, st = ours_decode(engine, [p], args.new_tokens if rep else 8, mtp=k)
+                tokens = len(out[0]) - 1
+                wall, cpu, ids, stats = wall + tokens / w, cpu + tokens / c, ids + out, stats + st
             if rep:
-                results[label].append(out)
+                tokens = sum(len(i) - 1 for i in ids)
+                results[label].append(((tokens / wall, tokens / cpu), ids, stats))
     engine.drafter.draft_hook, engine.policy = None, policy
     plain = best([r[0] for r in results["plain"]])
     for label, k, *_ in runs:
         rate = best([r[0] for r in results[label]])
         _, ids, stats = results[label][-1]
-        s = stats[0]
-        acc = ", ".join(f"{a:.2f}" for a in s["acceptance_per_position"]) or "-"
-        print(f"| {label} | {fmt(rate)} | {rate[1] / plain[1]:.2f}x | {s['mean_accepted']:.2f} | {s['verify_steps']} | "
-              f"{acc} | {'yes' if ids == base_ids else 'NO'} |")
+        steps = sum(s["verify_steps"] for s in stats)
+        accepted = sum(s["mean_accepted"] * s["verify_steps"] for s in stats) / max(steps, 1)
+        tried = [sum(s["acceptance_per_position"][j] * s["verify_steps"] for s in stats) / max(steps, 1)
+                 for j in range(k)]
+        acc = ", ".join(f"{a:.2f}" for a in tried) or "-"
+        print(f"| {label} | {fmt(rate)} | {rate[1] / plain[1]:.2f}x | {accepted:.2f} | {steps} | {acc} | "
+              f"{'yes' if ids == base else 'NO'} |")
     cost = {key: min(v) * 1e3 for key, v in policy.seconds.items() if key[1] == 1}
     print("\nstep costs the draft policy measured at batch 1 (ms, minimum of the last 16): "
           + ", ".join(f"{kind} k={k}: {ms:.2f}" for (kind, _, k), ms in sorted(cost.items(), key=lambda x: (x[0][0], x[0][2]))))
@@ -202,6 +231,10 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--skip-hf", action="store_true")
     ap.add_argument("--no-mtp", action="store_true", help="skip the MTP table")
+    ap.add_argument("--no-speed", action="store_true", help="skip the speed table")
+    ap.add_argument("--prompts", default=None, help="with --checkpoint: JSONL of chat prompts for the MTP table "
+                    "({\"messages\": [...]} or {\"problem\": ...}; the checkpoint's template and tokenizer)")
+    ap.add_argument("--mtp-prompts", type=int, default=8, help="prompts of --prompts the MTP table decodes")
     args = ap.parse_args()
     torch.manual_seed(0)
     if args.checkpoint:
@@ -223,10 +256,16 @@ def main() -> None:
                "compiled": Engine(model, max_batch_size=max(args.batches), compile=True)}
     if engines["compiled"].compiled is None:
         sys.exit(f"no compiled engine: {engines['compiled'].compile_note}")
-    hf = None if args.skip_hf else hf_twin(model)
-    speed_table(args, model, engines, hf, llamacpp_column())
+    hf = None if args.skip_hf or args.no_speed else hf_twin(model)
+    if not args.no_speed:
+        speed_table(args, model, engines, hf, llamacpp_column())
     if not args.no_mtp:
-        mtp_table(args, model, engines["compiled"])
+        if args.prompts:
+            prompts = chat_prompts(args.prompts, args.checkpoint, args.mtp_prompts)
+        else:
+            prompts = torch.randint(0, cfg.vocab_size, (1, args.prompt_len), generator=torch.Generator().manual_seed(1))
+            prompts = prompts.tolist()
+        mtp_table(args, model, engines["compiled"], prompts)
     print(f"\ncompile time (all shapes above, this process): {engines['compiled'].compile_seconds:.0f} s; "
           f"load average at the end {os.getloadavg()[0]:.1f}")
     kv_table()

@@ -133,7 +133,7 @@ def test_adaptive_drafting_stops_probes_and_catches_up_exactly(model):
 def test_draft_policy_choices():
     class Row:
         def __init__(self, rates):
-            self.accept_rate, self.since_draft = list(rates), 0
+            self.accept_rate, self.since_draft, self.probe_backoff, self.probing = list(rates), 0, 1, False
 
     policy = DraftPolicy(num_modules=3, history=64)
     assert policy.choose(Row([0.0, 0.0, 0.0]), 3, [0, 0, 0]) == 0
@@ -149,6 +149,9 @@ def test_draft_policy_choices():
     row = Row([0.0, 0.0, 0.0])  # a row that stopped drafting probes with one draft now and then
     choices = [policy.choose(row, 3, [0, 0, 0]) for _ in range(2 * policy.probe_every)]
     assert choices.count(1) == 2 and set(choices) == {0, 1}
+    policy.observe_verify(row, 1, 0)  # the probe failed: the next one comes after twice as long
+    choices = [policy.choose(row, 3, [0, 0, 0]) for _ in range(4 * policy.probe_every)]
+    assert [i for i, c in enumerate(choices) if c] == [2 * policy.probe_every - 1, 4 * policy.probe_every - 1]
     assert policy.choose(Row([0.0] * 3), 3, [0, 60, 0]) == 2  # module 1 about to outrun its history
     row = Row([1.0, 1.0])
     policy.observe_verify(row, 2, 0)  # first draft rejected: the second was never tested

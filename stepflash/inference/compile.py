@@ -12,7 +12,8 @@ Shapes are static so that a graph (or CUDA graph) is reused step after step:
   slot; rows with nothing to feed are padding (they write the cache's trash column and read only it);
 - tokens per row: 1 (plain decoding), or the newest token and its drafts padded to 1 + the most drafts
   K; an MTP module's positions (up to 1 + 2K) padded to 1 + 2K: so speculative decoding needs one verify
-  graph and one graph per MTP module, whatever it accepts;
+  graph and one graph per MTP module, whatever it accepts (plus one per module, made when first needed,
+  for catching up after it sat out steps: `speculative.MTPDrafter.history`);
 - keys: sliding layers read a fixed ring; full layers read their whole buffer, whose size changes only
   when it doubles. That dimension is marked dynamic, so growth does not recompile (on CUDA each size
   gets a CUDA graph of its own, recorded once).
@@ -77,13 +78,15 @@ def bucket_of(n: int, sizes: list[int]) -> int:
 
 
 class CompiledDecode:
-    def __init__(self, model, cache, max_batch_size: int, max_tokens: int):
-        """max_tokens: the most tokens a row feeds in one decode step (1 + the most drafts)."""
+    def __init__(self, model, cache, max_batch_size: int, max_tokens: int, catch_up: int):
+        """max_tokens: the most tokens a row feeds in one decode step (1 + the most drafts); catch_up:
+        the most positions an MTP module feeds when it catches up (its history's length)."""
         self.model, self.cache = model, cache
         self.batch_buckets = buckets(max_batch_size)
         self.token_buckets = sorted({1, max_tokens})
-        # An MTP module j feeds the newly verified positions and j more (up to 1 + 2 x drafts): one size.
-        self.draft_tokens = 2 * max_tokens - 1
+        # An MTP module j feeds the newly verified positions and j more (up to 1 + 2 x drafts); a module
+        # that sat out steps catches up over up to its history's length.
+        self.draft_buckets = [2 * max_tokens - 1, catch_up]
         cuda = next(model.parameters()).device.type == "cuda"
         # CPU: the generated wrapper in C++ (a Python wrapper costs ~1 ms a step at these sizes).
         options = {"triton.cudagraphs": True} if cuda else {"cpp_wrapper": True}

@@ -92,7 +92,8 @@ class Engine:
                 self.compile_note = f"compile: {missing}; decoding eager"
                 log.warning(self.compile_note)
             else:
-                self.compiled = CompiledDecode(model, self.cache, max_batch_size, 1 + cfg.num_nextn_predict_layers)
+                self.compiled = CompiledDecode(model, self.cache, max_batch_size, 1 + cfg.num_nextn_predict_layers,
+                                               self.drafter.S)
 
     @property
     def compile_seconds(self) -> float:

@@ -63,9 +63,11 @@ class Request:
     pos_tried: list[int] = field(default_factory=list)
     pos_accepted: list[int] = field(default_factory=list)
     # drafting policy state (`speculative.DraftPolicy`): acceptance estimate per draft position, steps
-    # since the last draft
+    # since the last draft, the probe interval multiplier, whether the pending drafts are a probe
     accept_rate: list[float] = field(default_factory=list)
     since_draft: int = 0
+    probe_backoff: int = 1
+    probing: bool = False
 
     def __post_init__(self):
         self.tokens = list(self.prompt)

@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from stepflash.inference.compile import bucket_of
 from stepflash.inference.kv_cache import KVCache, mtp_group
 from stepflash.inference.sampling import row_params, sample, target_probs, uniforms
 
@@ -121,8 +122,8 @@ class MTPDrafter:
                 # Module j at position t reads x[t+1+j]: a verified token, or one of this pass's drafts.
                 toks[r.row] = (r.tokens[: r.n + 1] + r.drafts[:j])[c + 1 + j: r.n + 1 + j]
             M = max(lens)
-            use = compiled if compiled and M <= compiled.draft_tokens else None  # catch-ups run eager
-            M = use.draft_tokens if use else M
+            use = compiled if compiled and M <= compiled.draft_buckets[-1] else None
+            M = bucket_of(M, use.draft_buckets) if use else M
             ids = torch.zeros(b, M, dtype=torch.long)
             for i, t in enumerate(toks):
                 ids[i, : len(t)] = torch.tensor(t, dtype=torch.long)
@@ -174,8 +175,8 @@ class DraftPolicy:
     over its verify steps, starting at 1; a position is not trusted more than the one before it, which
     also covers positions never tested). Cost of k drafts: the engine's measured time of a verify step
     fed k drafts plus that of drafting k, over a plain step, at the same number of rows (1 + 0.6 k
-    until measured). A row that stops drafting probes with one draft every `probe_every` steps, so a
-    run of good drafts is found again; a module that fell too far behind (its history holds S
+    until measured). A row that stops drafting probes with one draft after `probe_every` steps (twice as
+    long after each failed probe, up to 8x), so a run of good drafts is found again; a module that fell too far behind (its history holds S
     positions) is run before it would lose its inputs."""
 
     def __init__(self, num_modules: int, history: int, probe_every: int = 24, rate: float = 0.2):
@@ -202,6 +203,8 @@ class DraftPolicy:
         """Row r's k drafts were verified and the first `accepted` kept."""
         for j in range(min(k, accepted + 1)):  # positions past the first rejection were not tested
             r.accept_rate[j] += self.rate * ((1.0 if j < accepted else 0.0) - r.accept_rate[j])
+        if r.probing:  # a failed probe doubles the wait for the next one (up to 8x)
+            r.probe_backoff, r.probing = (1 if accepted else min(2 * r.probe_backoff, 8)), False
 
     def choose(self, r, limit: int, lags: list[int]) -> int:
         """Drafts for row r (at most `limit`); lags[j] = positions MTP module j is behind the trunk."""
@@ -213,8 +216,8 @@ class DraftPolicy:
             if expected / self.cost(k) > best_rate:
                 best, best_rate = k, expected / self.cost(k)
         r.since_draft = 0 if best else r.since_draft + 1
-        if not best and r.since_draft >= self.probe_every:
-            best, r.since_draft = 1, 0
+        if not best and r.since_draft >= self.probe_every * r.probe_backoff:
+            best, r.since_draft, r.probing = 1, 0, True
         for j, lag in enumerate(lags[:limit]):  # keep every module within reach of its history
             if lag >= self.history - 2 * (self.num_modules + 1):
                 best = max(best, j + 1)
