@@ -123,10 +123,10 @@ def test_adaptive_drafting_stops_probes_and_catches_up_exactly(model):
     out = engine.generate(prompts, 90, speculative_tokens=3)
     for p, r in zip(prompts, out):
         assert r.token_ids == greedy_uncached(model, p, 90)
-        assert 4 <= r.stats["verify_steps"] <= 14  # a few steps drafting, then ~1 probe per 24 steps
-    # Drafts after pauses: probes (module 0) and the runs that keep modules 1, 2 within their history.
+        assert 3 <= r.stats["verify_steps"] <= 8  # a few steps drafting, then probes after 24, 48 steps
+    # Drafts after pauses: probes (module 0, catching up over ~24 positions from its history).
     late = [e for e in engine.drafter.trace if len(e["context"]) > 30]
-    assert {e["j"] for e in late} == {0, 1, 2}
+    assert late and {e["j"] for e in late} == {0}
     check_trace(model, late + engine.drafter.trace[:6])
 
 
@@ -152,7 +152,9 @@ def test_draft_policy_choices():
     policy.observe_verify(row, 1, 0)  # the probe failed: the next one comes after twice as long
     choices = [policy.choose(row, 3, [0, 0, 0]) for _ in range(4 * policy.probe_every)]
     assert [i for i, c in enumerate(choices) if c] == [2 * policy.probe_every - 1, 4 * policy.probe_every - 1]
-    assert policy.choose(Row([0.0] * 3), 3, [0, 60, 0]) == 2  # module 1 about to outrun its history
+    assert policy.choose(Row([0.0] * 3), 3, [0, 60, 0]) == 0  # a sliding module may fall behind ...
+    policy.can_skip = False
+    assert policy.choose(Row([0.0] * 3), 3, [0, 60, 0]) == 2  # ... one with full layers is run first
     row = Row([1.0, 1.0])
     policy.observe_verify(row, 2, 0)  # first draft rejected: the second was never tested
     assert row.accept_rate == [0.8, 1.0]

@@ -2,16 +2,17 @@
 
 A decode step of a small model is a few hundred small tensor ops, so eager PyTorch spends as much time
 dispatching them as computing. Compiled (inductor's C++ backend on CPU; Triton and CUDA graphs on GPU,
-mode "reduce-overhead") the step becomes a handful of fused kernels. Two functions are compiled:
+mode "reduce-overhead") the step becomes a handful of fused kernels. Three functions are compiled:
 - `trunk`: ids [B, T] -> (trunk hidden [B, T, hidden], logits [B, T, vocab]), cache update included;
 - `mtp`: MTP module j over [B, T] fed positions -> (z [B, T, hidden], logits at one position per row).
+- `chain`: every MTP module in one graph for greedy drafting, each module's argmax feeding the next.
 Prefill stays eager: any length, once per request.
 
 Shapes are static so that a graph (or CUDA graph) is reused step after step:
 - batch: a decode forward covers slots [0, B), B the smallest of `batch_buckets` holding every running
   slot; rows with nothing to feed are padding (they write the cache's trash column and read only it);
-- tokens per row: 1 (plain decoding), or the newest token and its drafts padded to 1 + the most drafts
-  K; an MTP module's positions (up to 1 + 2K) padded to 1 + 2K: so speculative decoding needs one verify
+- tokens per row: 1 (plain decoding), 2 (one draft, as a paused row probes), or the newest token and
+  its drafts padded to 1 + the most drafts K; an MTP module's positions (up to 1 + 2K) padded to 1 + 2K: so speculative decoding needs one verify
   graph and one graph per MTP module, whatever it accepts (plus one per module, made when first needed,
   for catching up after it sat out steps: `speculative.MTPDrafter.history`);
 - keys: sliding layers read a fixed ring; full layers read their whole buffer, whose size changes only
@@ -37,6 +38,7 @@ import types
 
 import torch
 
+from stepflash.inference.kv_cache import TRUNK, mtp_group
 from stepflash.model.moe import choose_path
 
 log = logging.getLogger(__name__)
@@ -83,15 +85,16 @@ class CompiledDecode:
         the most positions an MTP module feeds when it catches up (its history's length)."""
         self.model, self.cache = model, cache
         self.batch_buckets = buckets(max_batch_size)
-        self.token_buckets = sorted({1, max_tokens})
+        self.token_buckets = sorted({1, 2, max_tokens})  # 2: a row probing with one draft
         # An MTP module j feeds the newly verified positions and j more (up to 1 + 2 x drafts); a module
         # that sat out steps catches up over up to its history's length.
-        self.draft_buckets = [2 * max_tokens - 1, catch_up]
+        self.draft_buckets = [2 * max_tokens - 1, catch_up + 2 * max_tokens]
         cuda = next(model.parameters()).device.type == "cuda"
         # CPU: the generated wrapper in C++ (a Python wrapper costs ~1 ms a step at these sizes).
         options = {"triton.cudagraphs": True} if cuda else {"cpp_wrapper": True}
         self._trunk = torch.compile(_own_code(self._trunk_step), dynamic=False, options=options)
         self._mtp = torch.compile(_own_code(self._mtp_step), dynamic=False, options=options)
+        self._chain = torch.compile(_own_code(self._chain_step), dynamic=False, options=options)
         self.cuda = cuda
         self.compile_seconds = 0.0
         self._guarded: set[tuple] = set()  # (shape, cache capacity) called once with full guards
@@ -110,14 +113,41 @@ class CompiledDecode:
     # The cache's masks and write columns are computed inside the step (`plan_tensors`): fused, not
     # a dozen small eager ops.
     def _trunk_step(self, ids: torch.Tensor):
-        h = self.model.trunk(ids, self.cache.plan_tensors(), self.cache)  # [B, T, hidden]
+        h = self.model.trunk(ids, self.cache.plan_tensors(TRUNK), self.cache)  # [B, T, hidden]
         return h, self.model.head(h)
 
     def _mtp_step(self, j: int, ids: torch.Tensor, h_in: torch.Tensor, last: torch.Tensor):
-        z = self.model.mtp_block(j, ids, h_in, self.cache.plan_tensors(), self.cache)  # [B, T, hidden]
+        z = self.model.mtp_block(j, ids, h_in, self.cache.plan_tensors(mtp_group(j)), self.cache)  # [B, T, hidden]
         return z, self.model.mtp_head(j, z[torch.arange(z.shape[0], device=z.device), last])
 
+    def _chain_step(self, ids: torch.Tensor, h: torch.Tensor, idx: torch.Tensor, last: torch.Tensor,
+                    slots: torch.Tensor, history: torch.Tensor):
+        """Every MTP module, greedy, in one graph: module j's argmax draft goes into module j+1's tokens.
+        ids [K, B, M] (draft positions 0), slots [K, B, K] position of module i's draft in module j's
+        tokens (M: none), idx [K, B, M] indices into cat(history[j], module j's direct source: h for
+        j = 0, module j-1's z after), last [K, B] the position each row drafts from."""
+        K, B, M = ids.shape
+        rows = torch.arange(B, device=ids.device)
+        direct, drafts, zs = h, [], []
+        for j in range(K):
+            tokens = ids[j]
+            if drafts:
+                padded = torch.cat([tokens, tokens.new_zeros(B, 1)], 1)  # column M takes the unplaced
+                tokens = padded.scatter(1, slots[j, :, :j], torch.stack(drafts, 1))[:, :M]
+            src = torch.cat([history[j], direct.to(history.dtype)], 1)
+            h_in = src.gather(1, idx[j][:, :, None].expand(B, M, src.shape[-1])).to(h.dtype)
+            z = self.model.mtp_block(j, tokens, h_in, self.cache.plan_tensors(mtp_group(j)), self.cache)
+            drafts.append(self.model.mtp_head(j, z[rows, last[j]]).argmax(-1))  # [B]
+            zs.append(z)
+            direct = z
+        return torch.stack(drafts), torch.stack(zs)
+
     # ---- what the engine calls --------------------------------------------------------------
+    def chain(self, ids, h, idx, last, slots, history):
+        """After `cache.reserve` of every MTP group: (drafts [K, B], z [K, B, M, hidden])."""
+        return self._call(("chain", *ids.shape, h.shape[1]), self._chain, ids, h, idx, last, slots, history)
+
+
     def trunk(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """After `cache.reserve(TRUNK, 0, B, T, ...)`: (h [B, T, hidden], logits [B, T, vocab])."""
         return self._call(("trunk", *ids.shape), self._trunk, ids)

@@ -81,7 +81,8 @@ class Engine:
                                  capacity=cache_capacity)
             self.drafter = MTPDrafter(model, self.cache, max_batch_size, self.device, self.dtype)
         n = cfg.num_nextn_predict_layers
-        self.policy = DraftPolicy(n, self.drafter.S) if adaptive_drafts else None
+        skip = all(self.cache.can_skip(mtp_group(j)) for j in range(n))
+        self.policy = DraftPolicy(n, self.drafter.S, can_skip=skip) if adaptive_drafts else None
         self.scheduler = Scheduler(max_batch_size)
         self._ids = itertools.count()
         self.compiled: CompiledDecode | None = None

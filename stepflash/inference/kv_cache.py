@@ -82,7 +82,7 @@ class KVCache:
         self.slot_pos = [torch.full((max_batch_size, self.ring + 1), -1, dtype=torch.long, device=self.device)
                          for _ in range(self.num_groups)]
         self._kinds = set(zip(self.group_of, self.sliding))  # (group, is_sliding) pairs that exist
-        self._plan: _Plan | None = None
+        self._plans: dict[int, _Plan] = {}  # group -> the plan of its forward in progress
 
     # ---- bookkeeping --------------------------------------------------------------------------
     def reset(self, slot: int) -> None:
@@ -116,7 +116,7 @@ class KVCache:
 
         Row r's first valid[r] tokens are real, the rest padding; lengths advance by valid[r]."""
         self.reserve(group, lo, hi, T, valid)
-        return self.plan_tensors()
+        return self.plan_tensors(group)
 
     def reserve(self, group: int, lo: int, hi: int, T: int, valid: list[int] | None = None) -> None:
         """The host half of `begin`: lengths, buffer growth and the plan's inputs (no tensor math)."""
@@ -130,12 +130,13 @@ class KVCache:
         for r, e in enumerate(ends):
             self.lengths[group][lo + r] = e
         both = torch.tensor([starts, valid], device=self.device)[:, :, None]  # [2, b, 1]
-        self._plan = _Plan(group, lo, hi, T, both[0], both[1], T > self.slack + 1)
+        self._plans[group] = _Plan(group, lo, hi, T, both[0], both[1], T > self.slack + 1)
 
-    def plan_tensors(self) -> torch.Tensor:
-        """The tensor half of `begin`: write columns and masks of the reserved forward, and the ring's
-        position table; returns position ids [b, T]. Pure tensor code, so a compiled step includes it."""
-        plan, dev = self._plan, self.device
+    def plan_tensors(self, group: int) -> torch.Tensor:
+        """The tensor half of `begin`: write columns and masks of the group's reserved forward, and the
+        ring's position table; returns position ids [b, T]. Pure tensor code, so a compiled step includes
+        it. (Groups are planned independently: one compiled step may run several MTP modules.)"""
+        plan, dev = self._plans[group], self.device
         t = torch.arange(plan.T, device=dev)[None, :]  # [1, T]
         pos = plan.start + t  # [b, T]
         real = t < plan.valid  # [b, T] real (non-padding) tokens
@@ -185,9 +186,8 @@ class KVCache:
 
     def update(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor):
         """k, v [b, kv_heads, T, head_dim] of this step -> (keys, values, mask) for attention."""
-        plan = self._plan
-        assert plan is not None and self.group_of[layer_idx] == plan.group, \
-            f"layer {layer_idx} written outside a begin() of its group"
+        plan = self._plans.get(self.group_of[layer_idx])
+        assert plan is not None and plan.rows is not None, f"layer {layer_idx} written outside a begin() of its group"
         kbuf, vbuf = self.k[layer_idx], self.v[layer_idx]
         k, v = k.to(kbuf.dtype), v.to(vbuf.dtype)
         k_tok, v_tok = k.transpose(1, 2), v.transpose(1, 2)  # [b, T, kv_heads, D]: layout of kbuf[rows, :, cols]
@@ -215,6 +215,16 @@ class KVCache:
                 f"rollback of {old - length} tokens exceeds the ring slack {self.slack}"
             sp = self.slot_pos[group][slot]
             sp.masked_fill_(sp >= length, -1)
+        self.lengths[group][slot] = length
+
+    def can_skip(self, group: int) -> bool:
+        """Whether `skip` is allowed: only ring (sliding) layers, whose masks read recorded positions."""
+        return not self._group_has(group, sliding=False)
+
+    def skip(self, group: int, slot: int, length: int) -> None:
+        """Move one row of a sliding-only group forward to `length` without writing the positions in
+        between: later queries simply see no keys there (an MTP module that sat out too long)."""
+        assert self.can_skip(group) and length >= self.lengths[group][slot]
         self.lengths[group][slot] = length
 
     def nbytes(self) -> int:

@@ -18,7 +18,8 @@ before this pass's trunk forward (or module j-1's first output of this pass) com
 Paying for drafts. A draft costs an MTP module pass and a wider verify step (which, in a MoE, reads
 the experts of every verified token); drafts that are rejected are pure loss. `DraftPolicy` sets each
 row's draft count from its measured acceptance and the measured step costs, down to none (with a
-probe now and then); modules that sit out steps catch up exactly from `MTPDrafter.history`.
+probe now and then); modules that sit out steps catch up exactly from `MTPDrafter.history` (or, after
+more than its S positions, resume with a gap in their sliding window).
 
 Acceptance (Leviathan et al. / Chen et al. speculative sampling): with p the target and q the draft
 distribution (both after temperature/top-k/top-p), draft d is accepted with probability
@@ -88,24 +89,31 @@ class MTPDrafter:
         rows = torch.arange(lo, lo + b, device=dev)[:, None]
         self.history[level][rows, cols] = x.to(self.history.dtype)
 
+    def _input_index(self, starts: list[int], M: int, direct_first: list[int], width: int) -> torch.Tensor:
+        """Where module inputs come from: [b, M] indices into cat(history level [b, S+1], direct [b, D])
+        for positions starts[r] .. + M - 1 (before direct_first[r]: the history; then the direct source)."""
+        dev = self.device
+        t = torch.tensor(starts, device=dev)[:, None] + torch.arange(M, device=dev)[None, :]  # [b, M] positions
+        f = torch.tensor(direct_first, device=dev)[:, None]
+        return torch.where(t < f, t % self.S, self.S + 1 + (t - f)).clamp(max=width - 1)
+
     def _inputs(self, j: int, lo: int, hi: int, starts: list[int], lens: list[int], direct: torch.Tensor,
                 direct_first: list[int], M: int) -> torch.Tensor:
         """Module j's inputs [b, M, hidden]: row r's positions starts[r] .. + lens[r] - 1, from the history
         before direct_first[r] and from `direct` [b, D, hidden] (whose column 0 is position direct_first[r])."""
-        b, dev = hi - lo, self.device
         for s, n, f in zip(starts, lens, direct_first):
             assert not n or f - s <= self.S, f"MTP module {j} is {f - s} positions behind, more than its history"
         src = torch.cat([self.history[j][lo:hi], direct.to(self.history.dtype)], dim=1)  # [b, S+1+D, hidden]
-        t = torch.tensor(starts, device=dev)[:, None] + torch.arange(M, device=dev)[None, :]  # [b, M] positions
-        f = torch.tensor(direct_first, device=dev)[:, None]
-        idx = torch.where(t < f, t % self.S, self.S + 1 + (t - f)).clamp(max=src.shape[1] - 1)
-        return src.gather(1, idx[:, :, None].expand(b, M, src.shape[-1])).to(direct.dtype)
+        idx = self._input_index(starts, M, direct_first, src.shape[1])
+        return src.gather(1, idx[:, :, None].expand(*idx.shape, src.shape[-1])).to(direct.dtype)
 
     def draft(self, lo: int, hi: int, rows: list[DraftRow], h: torch.Tensor, compiled=None) -> None:
         """Run the chain for `rows` of the slot range [lo, hi); h [b, T, hidden] is the trunk output of
         the forward that fed positions n_prev .. (row r's first n - n_prev entries are real).
         Fills each row's `drafts` and `self.q[slot, :k]`. compiled: the engine's `CompiledDecode`
         (a decode step over its static slot range), or None for the model's modules run eagerly."""
+        if compiled and self._draft_fused(lo, hi, rows, h, compiled):
+            return
         b, dev = hi - lo, self.device
         by_row = {r.row: r for r in rows}
         u = uniforms([by_row[i].generator if i in by_row else None for i in range(b)],
@@ -118,6 +126,10 @@ class MTPDrafter:
             for r in active:
                 c = self.cache.lengths[group][r.slot]
                 assert c <= r.n - j or c == 0, f"MTP module {j} cache of slot {r.slot} ahead of the trunk"
+                first = direct_first[r.row]
+                if first - c > self.S:  # sat out longer than its history: resume where the history starts
+                    self.cache.skip(group, r.slot, first - self.S)
+                    c = first - self.S
                 starts[r.row], lens[r.row] = c, r.n - c
                 # Module j at position t reads x[t+1+j]: a verified token, or one of this pass's drafts.
                 toks[r.row] = (r.tokens[: r.n + 1] + r.drafts[:j])[c + 1 + j: r.n + 1 + j]
@@ -140,6 +152,50 @@ class MTPDrafter:
                 self.record(j + 1, lo, starts, lens, z)
             direct, direct_first = z, starts
             self._take_drafts(j, group, active, logits, u, dev)
+
+    def _draft_fused(self, lo: int, hi: int, rows: list[DraftRow], h: torch.Tensor, compiled) -> bool:
+        """Every MTP module in one compiled call (`CompiledDecode.chain`): greedy rows, each module within
+        one step of the trunk, no test hooks. Rows wanting fewer drafts keep the first ones. False when
+        it does not apply (the caller then runs module by module)."""
+        K, M, b = self.num_modules, compiled.draft_buckets[0], hi - lo
+        if self.draft_hook or self.trace is not None or any(r.params.temperature > 0 for r in rows):
+            return False
+        starts = [[0] * b for _ in range(K)]
+        lens = [[0] * b for _ in range(K)]
+        for j in range(K):
+            for r in rows:
+                c = self.cache.lengths[mtp_group(j)][r.slot]
+                starts[j][r.row], lens[j][r.row] = c, r.n - c
+            if max(lens[j]) > M:
+                return False
+        ids = torch.zeros(K, b, M, dtype=torch.long)
+        slots = torch.full((K, b, K), M, dtype=torch.long)  # where module j puts module i's draft (M: nowhere)
+        last = torch.zeros(K, b, dtype=torch.long)
+        for j in range(K):
+            for r in rows:
+                c, L = starts[j][r.row], lens[j][r.row]
+                known = r.tokens[c + 1 + j: r.n + 1]  # module j at position t reads x[t+1+j]
+                ids[j, r.row, : len(known)] = torch.tensor(known, dtype=torch.long)
+                for i in range(j):  # module i's draft is x[n+1+i]: position index L - j + i
+                    if L - j + i >= 0:
+                        slots[j, r.row, i] = L - j + i
+                last[j, r.row] = L - 1
+        firsts = [[next((r.n_prev for r in rows if r.row == i), 0) for i in range(b)]] + starts[:-1]
+        widths = [self.S + 1 + h.shape[1]] + [self.S + 1 + M] * (K - 1)
+        idx = torch.stack([self._input_index(starts[j], M, firsts[j], widths[j]) for j in range(K)])
+        for j in range(K):
+            self.cache.reserve(mtp_group(j), lo, hi, M, lens[j])
+        dev = self.device
+        drafts, zs = compiled.chain(ids.to(dev), h, idx, last.to(dev), slots.to(dev), self.history[:, lo:hi])
+        drafts = drafts.tolist()  # [K][b]
+        for j in range(K):
+            if j + 1 < self.num_modules:
+                self.record(j + 1, lo, starts[j], lens[j], zs[j])
+        for r in rows:
+            r.drafts.extend(drafts[j][r.row] for j in range(r.k))
+            for j in range(K):
+                self.cache.truncate(mtp_group(j), r.slot, max(0, r.n - j))
+        return True
 
     def _take_drafts(self, j: int, group: int, active: list[DraftRow], logits: torch.Tensor, u, dev) -> None:
         act = torch.tensor([r.row for r in active], device=dev)
@@ -179,8 +235,9 @@ class DraftPolicy:
     long after each failed probe, up to 8x), so a run of good drafts is found again; a module that fell too far behind (its history holds S
     positions) is run before it would lose its inputs."""
 
-    def __init__(self, num_modules: int, history: int, probe_every: int = 24, rate: float = 0.2):
-        self.num_modules, self.history = num_modules, history
+    def __init__(self, num_modules: int, history: int, probe_every: int = 24, rate: float = 0.2,
+                 can_skip: bool = True):
+        self.num_modules, self.history, self.can_skip = num_modules, history, can_skip
         self.probe_every, self.rate = probe_every, rate
         # ("verify" | "draft", rows in the step, drafts) -> the last times; their minimum is the cost
         # (other processes only ever add time, so the minimum is the least noisy estimate)
@@ -218,9 +275,10 @@ class DraftPolicy:
         r.since_draft = 0 if best else r.since_draft + 1
         if not best and r.since_draft >= self.probe_every * r.probe_backoff:
             best, r.since_draft, r.probing = 1, 0, True
-        for j, lag in enumerate(lags[:limit]):  # keep every module within reach of its history
-            if lag >= self.history - 2 * (self.num_modules + 1):
-                best = max(best, j + 1)
+        if not self.can_skip:  # a module with full-attention layers must never fall out of its history
+            for j, lag in enumerate(lags[:limit]):
+                if lag >= self.history - 2 * (self.num_modules + 1):
+                    best = max(best, j + 1)
         return min(best, limit)
 
 
