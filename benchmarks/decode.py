@@ -148,8 +148,8 @@ def speed_table(args, model, engines: dict, hf, llamacpp) -> None:
 
 
 def chat_prompts(path: str, checkpoint: str, n: int) -> list[list[int]]:
-    """The first n lines of a JSONL of {"messages": [...]} (or {"problem": ...}) rendered with the
-    checkpoint's chat template and tokenizer, generation prompt on."""
+    """The first n lines of a JSONL of {"prompt_ids": [...]}, or {"messages": [...]} / {"problem": ...}
+    rendered with the checkpoint's chat template and tokenizer, generation prompt on."""
     import json
 
     from stepflash.chat import ChatTemplate
@@ -160,6 +160,11 @@ def chat_prompts(path: str, checkpoint: str, n: int) -> list[list[int]]:
     with open(path) as f:
         for line in f:
             row = json.loads(line)
+            if "prompt_ids" in row:
+                out.append(row["prompt_ids"])
+                if len(out) == n:
+                    break
+                continue
             messages = row.get("messages") or [{"role": "user", "content": row["problem"]}]
             out.append(tok.encode(template.render(messages, tools=row.get("tools")), add_special_tokens=False).ids)
             if len(out) == n:
@@ -232,8 +237,9 @@ def main() -> None:
     ap.add_argument("--skip-hf", action="store_true")
     ap.add_argument("--no-mtp", action="store_true", help="skip the MTP table")
     ap.add_argument("--no-speed", action="store_true", help="skip the speed table")
-    ap.add_argument("--prompts", default=None, help="with --checkpoint: JSONL of chat prompts for the MTP table "
-                    "({\"messages\": [...]} or {\"problem\": ...}; the checkpoint's template and tokenizer)")
+    ap.add_argument("--prompts", default=None, help="with --checkpoint: JSONL of prompts for the MTP table "
+                    "({\"prompt_ids\": [...]}, or {\"messages\": [...]} / {\"problem\": ...} rendered with the "
+                    "checkpoint's template and tokenizer); generation then stops at the model's stop tokens")
     ap.add_argument("--mtp-prompts", type=int, default=8, help="prompts of --prompts the MTP table decodes")
     args = ap.parse_args()
     torch.manual_seed(0)
@@ -245,7 +251,8 @@ def main() -> None:
         model = Step35ForCausalLM(PRESETS[args.config]())
     model.eval()
     cfg = model.config
-    cfg.eos_token_id = []  # every run decodes exactly --new-tokens
+    if not args.prompts:
+        cfg.eos_token_id = []  # every run decodes exactly --new-tokens (chat prompts stop at the reply's end)
     n_params = sum(p.numel() for p in model.parameters())
     print(f"model: {args.checkpoint or args.config} ({cfg.num_hidden_layers} layers, hidden {cfg.hidden_size}, "
           f"{cfg.moe_num_experts} experts top-{cfg.moe_top_k}, vocab {cfg.vocab_size}, window {cfg.sliding_window}; "

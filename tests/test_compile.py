@@ -151,3 +151,18 @@ def test_fused_draft_chain_equals_module_by_module(inductor_cache):
         steps += bool(reqs[0].drafts)
     assert steps > 5 and reqs[1].finished
     assert any(shape[0] == "chain" for shape, _ in engines[1].compiled._timed)  # the fused graph ran
+    # Adaptive drafting (deterministic here: costs stay at the prior): random drafts are rejected, drafting
+    # stops, and the probes after 24 and 48 steps catch module 0 up from the history the compiled trunk
+    # step wrote; the drafts still equal the eager engine's.
+    from stepflash.inference.speculative import DraftPolicy
+
+    for e in engines:
+        e.policy = DraftPolicy(2, e.drafter.S)
+        e.policy.observe = lambda *args: None
+    rids = [e.add_request(PROMPTS[0], SamplingParams(max_new_tokens=60, speculative_tokens=2)) for e in engines]
+    reqs = [e.scheduler.requests[rid] for e, rid in zip(engines, rids)]
+    while not reqs[0].finished:
+        outs = [e.step() for e in engines]
+        assert [o.new_token_ids for o in outs[0]] == [o.new_token_ids for o in outs[1]]
+        assert reqs[0].drafts == reqs[1].drafts
+    assert 3 <= reqs[0].verify_steps <= 8 and reqs[0].verify_steps == reqs[1].verify_steps

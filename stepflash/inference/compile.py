@@ -80,15 +80,16 @@ def bucket_of(n: int, sizes: list[int]) -> int:
 
 
 class CompiledDecode:
-    def __init__(self, model, cache, max_batch_size: int, max_tokens: int, catch_up: int):
-        """max_tokens: the most tokens a row feeds in one decode step (1 + the most drafts); catch_up:
-        the most positions an MTP module feeds when it catches up (its history's length)."""
-        self.model, self.cache = model, cache
+    def __init__(self, model, cache, history: list[torch.Tensor], max_batch_size: int, max_tokens: int):
+        """history: the drafter's per-module input history (`MTPDrafter.history`, [slots, S + 1, hidden]
+        each); max_tokens: the most tokens a row feeds in one decode step (1 + the most drafts)."""
+        self.model, self.cache, self.history = model, cache, history
+        catch_up = history[0].shape[1] - 1  # a module that sat out catches up over its history's length
         self.batch_buckets = buckets(max_batch_size)
         self.token_buckets = sorted({1, 2, max_tokens})  # 2: a row probing with one draft
         # An MTP module j feeds the newly verified positions and j more (up to 1 + 2 x drafts); a module
         # that sat out steps catches up over up to its history's length.
-        self.draft_buckets = [2 * max_tokens - 1, catch_up + 2 * max_tokens]
+        self.draft_buckets = sorted({2 * max_tokens - 1, 32, catch_up + 2 * max_tokens})
         cuda = next(model.parameters()).device.type == "cuda"
         # CPU: the generated wrapper in C++ (a Python wrapper costs ~1 ms a step at these sizes).
         options = {"triton.cudagraphs": True} if cuda else {"cpp_wrapper": True}
@@ -113,7 +114,13 @@ class CompiledDecode:
     # The cache's masks and write columns are computed inside the step (`plan_tensors`): fused, not
     # a dozen small eager ops.
     def _trunk_step(self, ids: torch.Tensor):
+        """Also keeps h in the history of MTP module 0's inputs (`MTPDrafter.record`), here at no cost."""
         h = self.model.trunk(ids, self.cache.plan_tensors(TRUNK), self.cache)  # [B, T, hidden]
+        history = self.history[0]
+        plan, S = self.cache._plans[TRUNK], history.shape[1] - 1
+        t = torch.arange(ids.shape[1], device=ids.device)[None, :]
+        keep = (t < plan.valid) & (t >= plan.valid - S)
+        history[plan.rows, torch.where(keep, (plan.start + t) % S, S)] = h.to(history.dtype)
         return h, self.model.head(h)
 
     def _mtp_step(self, j: int, ids: torch.Tensor, h_in: torch.Tensor, last: torch.Tensor):
@@ -121,7 +128,7 @@ class CompiledDecode:
         return z, self.model.mtp_head(j, z[torch.arange(z.shape[0], device=z.device), last])
 
     def _chain_step(self, ids: torch.Tensor, h: torch.Tensor, idx: torch.Tensor, last: torch.Tensor,
-                    slots: torch.Tensor, history: torch.Tensor):
+                    slots: torch.Tensor):
         """Every MTP module, greedy, in one graph: module j's argmax draft goes into module j+1's tokens.
         ids [K, B, M] (draft positions 0), slots [K, B, K] position of module i's draft in module j's
         tokens (M: none), idx [K, B, M] indices into cat(history[j], module j's direct source: h for
@@ -134,7 +141,8 @@ class CompiledDecode:
             if drafts:
                 padded = torch.cat([tokens, tokens.new_zeros(B, 1)], 1)  # column M takes the unplaced
                 tokens = padded.scatter(1, slots[j, :, :j], torch.stack(drafts, 1))[:, :M]
-            src = torch.cat([history[j], direct.to(history.dtype)], 1)
+            history = self.history[j][:B]
+            src = torch.cat([history, direct.to(history.dtype)], 1)
             h_in = src.gather(1, idx[j][:, :, None].expand(B, M, src.shape[-1])).to(h.dtype)
             z = self.model.mtp_block(j, tokens, h_in, self.cache.plan_tensors(mtp_group(j)), self.cache)
             drafts.append(self.model.mtp_head(j, z[rows, last[j]]).argmax(-1))  # [B]
@@ -143,13 +151,14 @@ class CompiledDecode:
         return torch.stack(drafts), torch.stack(zs)
 
     # ---- what the engine calls --------------------------------------------------------------
-    def chain(self, ids, h, idx, last, slots, history):
+    def chain(self, ids, h, idx, last, slots):
         """After `cache.reserve` of every MTP group: (drafts [K, B], z [K, B, M, hidden])."""
-        return self._call(("chain", *ids.shape, h.shape[1]), self._chain, ids, h, idx, last, slots, history)
+        return self._call(("chain", *ids.shape, h.shape[1]), self._chain, ids, h, idx, last, slots)
 
 
     def trunk(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """After `cache.reserve(TRUNK, 0, B, T, ...)`: (h [B, T, hidden], logits [B, T, vocab])."""
+        """After `cache.reserve(TRUNK, 0, B, T, ...)`: (h [B, T, hidden], logits [B, T, vocab]); h also goes
+        into the drafter's history."""
         return self._call(("trunk", *ids.shape), self._trunk, ids)
 
     def mtp(self, j: int, ids: torch.Tensor, h_in: torch.Tensor, last: torch.Tensor):
@@ -192,8 +201,8 @@ class CompiledDecode:
                     torch._dynamo.mark_static_address(buf, guard=True)
                 elif not sliding and 2 not in getattr(buf, "_dynamo_dynamic_indices", ()):
                     torch._dynamo.mark_dynamic(buf, 2)
-        if self.cuda:  # the ring position tables are written by the step too
-            for table in cache.slot_pos:
+        if self.cuda:  # the ring position tables and the drafter's history are written by the steps too
+            for table in cache.slot_pos + self.history[:1]:
                 torch._dynamo.mark_static_address(table, guard=True)
 
 

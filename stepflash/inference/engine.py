@@ -93,8 +93,8 @@ class Engine:
                 self.compile_note = f"compile: {missing}; decoding eager"
                 log.warning(self.compile_note)
             else:
-                self.compiled = CompiledDecode(model, self.cache, max_batch_size, 1 + cfg.num_nextn_predict_layers,
-                                               self.drafter.S)
+                self.compiled = CompiledDecode(model, self.cache, self.drafter.history, max_batch_size,
+                                               1 + cfg.num_nextn_predict_layers)
 
     @property
     def compile_seconds(self) -> float:
@@ -258,7 +258,7 @@ class Engine:
                 logits = self.model.head(h[rows, last])[:, None]  # [n, 1, V]
             else:
                 logits = self.model.head(h[rows])  # [n, T, V]
-        if any(r.params.speculative_tokens for r in reqs):  # module 0's inputs, for catching up later
+        if not compiled and any(r.params.speculative_tokens for r in reqs):  # module 0's inputs, for catching up
             self.drafter.record(0, lo, starts, valid, h)
         return lo, hi, starts, h, logits, compiled
 

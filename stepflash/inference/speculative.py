@@ -69,8 +69,8 @@ class MTPDrafter:
         self.model, self.cache = model, cache
         self.num_modules = cfg.num_nextn_predict_layers
         self.S = history
-        self.history = torch.zeros(max(1, self.num_modules), max_batch_size, history + 1, cfg.hidden_size,
-                                   device=device, dtype=dtype)
+        self.history = [torch.zeros(max_batch_size, history + 1, cfg.hidden_size, device=device, dtype=dtype)
+                        for _ in range(max(1, self.num_modules))]
         self.q = torch.zeros(max_batch_size, max(1, self.num_modules), cfg.vocab_size, device=device)
         self.device = device
         self.trace: list[dict] | None = None  # tests set a list to record every draft's logits
@@ -87,7 +87,7 @@ class MTPDrafter:
         keep = (t < count_t) & (t >= count_t - self.S)
         cols = torch.where(keep, (first_t + t) % self.S, self.S)  # [b, T]
         rows = torch.arange(lo, lo + b, device=dev)[:, None]
-        self.history[level][rows, cols] = x.to(self.history.dtype)
+        self.history[level][rows, cols] = x.to(self.history[level].dtype)
 
     def _input_index(self, starts: list[int], M: int, direct_first: list[int], width: int) -> torch.Tensor:
         """Where module inputs come from: [b, M] indices into cat(history level [b, S+1], direct [b, D])
@@ -103,7 +103,7 @@ class MTPDrafter:
         before direct_first[r] and from `direct` [b, D, hidden] (whose column 0 is position direct_first[r])."""
         for s, n, f in zip(starts, lens, direct_first):
             assert not n or f - s <= self.S, f"MTP module {j} is {f - s} positions behind, more than its history"
-        src = torch.cat([self.history[j][lo:hi], direct.to(self.history.dtype)], dim=1)  # [b, S+1+D, hidden]
+        src = torch.cat([self.history[j][lo:hi], direct.to(self.history[j].dtype)], dim=1)  # [b, S+1+D, hidden]
         idx = self._input_index(starts, M, direct_first, src.shape[1])
         return src.gather(1, idx[:, :, None].expand(*idx.shape, src.shape[-1])).to(direct.dtype)
 
@@ -186,7 +186,7 @@ class MTPDrafter:
         for j in range(K):
             self.cache.reserve(mtp_group(j), lo, hi, M, lens[j])
         dev = self.device
-        drafts, zs = compiled.chain(ids.to(dev), h, idx, last.to(dev), slots.to(dev), self.history[:, lo:hi])
+        drafts, zs = compiled.chain(ids.to(dev), h, idx, last.to(dev), slots.to(dev))
         drafts = drafts.tolist()  # [K][b]
         for j in range(K):
             if j + 1 < self.num_modules:
@@ -232,8 +232,10 @@ class DraftPolicy:
     also covers positions never tested). Cost of k drafts: the engine's measured time of a verify step
     fed k drafts plus that of drafting k, over a plain step, at the same number of rows (1 + 0.6 k
     until measured). A row that stops drafting probes with one draft after `probe_every` steps (twice as
-    long after each failed probe, up to 8x), so a run of good drafts is found again; a module that fell too far behind (its history holds S
-    positions) is run before it would lose its inputs."""
+    long after each failed probe, up to 8x), so a run of good drafts is found again. A module that sat
+    out longer than its history (S positions) resumes where the history starts, with a gap in its
+    attention window (its layers are sliding); one with full-attention layers is run before it would
+    fall that far behind."""
 
     def __init__(self, num_modules: int, history: int, probe_every: int = 24, rate: float = 0.2,
                  can_skip: bool = True):
