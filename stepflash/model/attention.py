@@ -36,6 +36,8 @@ class Attention(ReleaseNames, nn.Module):
     """q, k, v and the head gate come out of one product (`qkvg_proj`, rows in that order); the state
     dict still holds the release's `q_proj`, `k_proj`, `v_proj`, `g_proj` (see `model/fused.py`)."""
 
+    RELEASE_ORDER = ("q_proj", "k_proj", "v_proj", "o_proj", "g_proj")
+
     def __init__(self, cfg: Step35Config, layer_idx: int):
         super().__init__()
         self.layer_idx = layer_idx

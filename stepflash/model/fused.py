@@ -73,7 +73,15 @@ def keep_release_names(owner: nn.Module) -> None:
 
 class ReleaseNames:
     """Mixin for modules holding FusedLinear children: `self.q_proj.weight` is a row view of the fused
-    weight (for reading; the fused parameter is the one that trains)."""
+    weight (for reading; the fused parameter is the one that trains). `RELEASE_ORDER` lists the
+    release's matrices in the order the release module defines them."""
+
+    RELEASE_ORDER: tuple[str, ...] = ()
+
+    def release_weights(self) -> list[tuple[str, torch.Tensor]]:
+        """(release name, weight or row view) in RELEASE_ORDER: initialising them in this order draws the
+        same random numbers as the unfused module did, so a seed gives the same model as before fusing."""
+        return [(name, getattr(self, name).weight) for name in self.RELEASE_ORDER if hasattr(self, name)]
 
     def __getattr__(self, name: str):
         try:

@@ -43,6 +43,8 @@ class SwiGLU(ReleaseNames, nn.Module):
     """Dense MLP (layers before the first MoE layer, MTP blocks) and the shared expert. gate and up are
     one product (`gate_up_proj`); the state dict keeps `gate_proj` and `up_proj` (`model/fused.py`)."""
 
+    RELEASE_ORDER = ("gate_proj", "up_proj", "down_proj")
+
     def __init__(self, hidden: int, inter: int, limit: float = 0.0):
         super().__init__()
         self.limit = limit

@@ -25,6 +25,7 @@ from torch import nn
 
 from stepflash.config import Step35Config
 from stepflash.model.attention import Attention
+from stepflash.model.fused import ReleaseNames
 from stepflash.model.moe import MoE, StackedWeight, SwiGLU
 from stepflash.model.norm import RMSNorm
 from stepflash.model.rope import RotaryEmbedding
@@ -195,8 +196,13 @@ class Step35ForCausalLM(nn.Module):
         (= unit scale, norms are zero-centred), router bias at zero."""
         std = self.config.initializer_range if std is None else std
         out_std = std / math.sqrt(2 * max(1, self.num_layers))
+        done = set()  # fused projections are drawn part by part, in the release's order, from their owner
         for name, mod in self.named_modules():
-            if isinstance(mod, (nn.Linear, nn.Embedding, StackedWeight)):
+            if isinstance(mod, ReleaseNames):
+                for part, weight in mod.release_weights():
+                    nn.init.normal_(weight, 0.0, out_std if part in ("o_proj", "down_proj") else std)
+                done.update(id(m) for m in mod.children())
+            elif isinstance(mod, (nn.Linear, nn.Embedding, StackedWeight)) and id(mod) not in done:
                 is_out = name.endswith(("o_proj", "down_proj"))
                 nn.init.normal_(mod.weight, 0.0, out_std if is_out else std)
             elif isinstance(mod, RMSNorm):
