@@ -223,8 +223,8 @@ class Engine:
         if not prefill and self.policy:
             self.policy.observe("verify", len(reqs), max(map(len, feeds)) - 1, t1 - t0)
         if draft_rows:
-            self.drafter.draft(lo, hi, draft_rows, h, compiled)
-            if not prefill and self.policy:
+            regular = self.drafter.draft(lo, hi, draft_rows, h, compiled)
+            if not prefill and self.policy and regular:  # catch-up passes are not what drafting costs
                 self.policy.observe("draft", len(reqs), max(r.k for r in draft_rows), time.perf_counter() - t1)
         return outputs
 

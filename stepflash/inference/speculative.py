@@ -107,14 +107,16 @@ class MTPDrafter:
         idx = self._input_index(starts, M, direct_first, src.shape[1])
         return src.gather(1, idx[:, :, None].expand(*idx.shape, src.shape[-1])).to(direct.dtype)
 
-    def draft(self, lo: int, hi: int, rows: list[DraftRow], h: torch.Tensor, compiled=None) -> None:
+    def draft(self, lo: int, hi: int, rows: list[DraftRow], h: torch.Tensor, compiled=None) -> bool:
         """Run the chain for `rows` of the slot range [lo, hi); h [b, T, hidden] is the trunk output of
         the forward that fed positions n_prev .. (row r's first n - n_prev entries are real).
         Fills each row's `drafts` and `self.q[slot, :k]`. compiled: the engine's `CompiledDecode`
-        (a decode step over its static slot range), or None for the model's modules run eagerly."""
+        (a decode step over its static slot range), or None for the model's modules run eagerly.
+        Returns False when a module had to catch up on positions it sat out (a slower pass than usual)."""
         if compiled and self._draft_fused(lo, hi, rows, h, compiled):
-            return
+            return True
         b, dev = hi - lo, self.device
+        regular = True
         by_row = {r.row: r for r in rows}
         u = uniforms([by_row[i].generator if i in by_row else None for i in range(b)],
                      [by_row[i].k if i in by_row else 0 for i in range(b)], max(r.k for r in rows), dev)
@@ -134,6 +136,7 @@ class MTPDrafter:
                 # Module j at position t reads x[t+1+j]: a verified token, or one of this pass's drafts.
                 toks[r.row] = (r.tokens[: r.n + 1] + r.drafts[:j])[c + 1 + j: r.n + 1 + j]
             M = max(lens)
+            regular &= M <= 2 * self.num_modules + 1
             use = compiled if compiled and M <= compiled.draft_buckets[-1] else None
             M = bucket_of(M, use.draft_buckets) if use else M
             ids = torch.zeros(b, M, dtype=torch.long)
@@ -152,6 +155,7 @@ class MTPDrafter:
                 self.record(j + 1, lo, starts, lens, z)
             direct, direct_first = z, starts
             self._take_drafts(j, group, active, logits, u, dev)
+        return regular
 
     def _draft_fused(self, lo: int, hi: int, rows: list[DraftRow], h: torch.Tensor, compiled) -> bool:
         """Every MTP module in one compiled call (`CompiledDecode.chain`): greedy rows, each module within
