@@ -1,16 +1,22 @@
-"""Decode speed of the stepflash engine vs transformers' Step3p7TextModel, on the same weights.
+"""Decode speed of the stepflash engine (eager and compiled) vs transformers' Step3p7TextModel, same weights.
 
-    python benchmarks/decode.py [--config small] [--checkpoint DIR] [--new-tokens 48] [--threads 1]
+    python benchmarks/decode.py [--config small | --checkpoint DIR [--prompts JSONL]] [--threads 1 2]
+                                [--batches 1 8] [--new-tokens 64] [--prompt-len 32] [--repeats 3] [--skip-hf]
+                                [--no-mtp] [--no-speed]
 
 Prints markdown tables:
-1. decode tokens/s at batch 1 and 8 (greedy, equal-length prompts, prefill excluded) for stepflash and
-   for transformers with its own DynamicCache in a manual loop, beside the memory-bandwidth bound
-   (bytes of the weights a decode step must read / bandwidth measured with a large tensor copy);
-2. MTP-3 self-speculative decoding vs plain decoding at batch 1, with acceptance per draft position
-   (random weights accept almost nothing; pass --checkpoint to measure a trained model);
+1. decode tokens/s after the prefill (greedy, equal-length prompts) at each thread count and batch size for
+   the engine eager, the engine compiled (`Engine(compile=True)`), transformers with its own DynamicCache
+   in a manual loop, and llama.cpp when `benchmarks/llamacpp.py` provides `decode_tok_s` (the GGUF export
+   is built separately; without it the column says "-"). Each cell is the best of --repeats runs, the
+   implementations interleaved; rates per wall second and per CPU-second of this process (`Clock`);
+2. MTP self-speculative decoding vs plain decoding at batch 1 on the compiled engine, drafting K tokens
+   every step ("fixed") and as many as the engine's draft policy finds worth it ("adaptive"), with
+   acceptance per draft position (random weights accept nothing: pass --checkpoint for a trained model);
+   "oracle drafts" replaces every draft by the true greedy token (the speed when all are accepted); then
+   the verify and draft step costs the policy measured;
 3. KV-cache bytes per sequence at 8k and 32k tokens: the release layout (S3F1) vs all layers full.
-Rates are given by wall clock and per CPU-second of this process (see `Clock`); "oracle drafts"
-replaces every draft by the true greedy token, i.e. the speed MTP reaches when every draft is accepted.
+The load average is printed beside the tables: on a shared machine, compare ratios, not absolute rates.
 """
 
 from __future__ import annotations
@@ -23,17 +29,18 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+from stepflash.checkpoint.hf import release_to_hf  # noqa: E402
 from stepflash.config import PRESETS, flash  # noqa: E402
 from stepflash.inference.engine import Engine, SamplingParams  # noqa: E402
 from stepflash.inference.kv_cache import cache_bytes  # noqa: E402
-from stepflash.checkpoint.hf import release_to_hf  # noqa: E402
 from stepflash.model import Step35ForCausalLM  # noqa: E402
 
 
 class Clock:
-    """Wall-clock and process-CPU seconds of a block. With one thread on a shared machine the CPU time
-    is the fairer comparison: other processes stretch the wall clock, not the work done."""
+    """Wall-clock and process-CPU seconds of a block. On a shared machine the CPU time is the fairer
+    comparison: other processes stretch the wall clock, not the work done."""
 
     def __enter__(self):
         self.wall, self.cpu = time.perf_counter(), time.process_time()
@@ -46,73 +53,21 @@ class Clock:
         return tokens / self.wall, tokens / max(self.cpu, 1e-9)
 
 
-def copy_bandwidth(n_bytes: int = 256 << 20, repeats: int = 5) -> float:
-    """Bytes per second moved by a large tensor copy (read + write), best of `repeats`."""
-    x = torch.empty(n_bytes // 4, dtype=torch.float32).uniform_()
-    y = torch.empty_like(x)
-    best = float("inf")
-    for _ in range(repeats):
-        t = time.perf_counter()
-        y.copy_(x)
-        best = min(best, time.perf_counter() - t)
-    return 2 * n_bytes / best
-
-
-def step_bytes(model: Step35ForCausalLM, batch: int) -> float:
-    """Weight bytes one decode step reads: everything but embeddings and MTP layers (one embedding row per
-    token), routed experts counted by the expected number touched by `batch` tokens under uniform routing."""
-    cfg, total = model.config, 0.0
-    e, k = cfg.moe_num_experts, cfg.moe_top_k
-    touched = e * (1 - (1 - k / e) ** batch)
-    for name, p in model.named_parameters():
-        size = p.numel() * p.element_size()
-        if name.startswith("model.layers."):
-            if int(name.split(".")[2]) >= cfg.num_hidden_layers:
-                continue
-            if ".moe." in name and name.endswith(("gate_proj.weight", "up_proj.weight", "down_proj.weight")):
-                size *= touched / e
-        elif "embed_tokens" in name:
-            size = batch * p.shape[1] * p.element_size()
-        total += size
-    return total
-
-
-@torch.inference_mode()
-def gemv_floor(model: Step35ForCausalLM, steps: int = 30) -> tuple[float, float]:
-    """(wall, CPU) tokens/s of the matrix-vector products alone of one batch-1 decode step: q/k/v/g as one
-    product, o, dense MLP or shared expert + router, top-k experts, lm_head. Nothing else is computed,
-    so no implementation of this model can decode faster on this machine with these kernels."""
-    cfg, h = model.config, model.config.hidden_size
-    x, gens = torch.randn(1, h), torch.Generator().manual_seed(0)
-    mats = []
-    for layer in model.model.layers[: cfg.num_hidden_layers]:
-        a = layer.self_attn
-        mats += [torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight, a.g_proj.weight]), a.o_proj.weight]
-        if layer.is_moe:
-            s, m = layer.share_expert, layer.moe
-            mats += [torch.cat([m.gate.weight, s.gate_proj.weight, s.up_proj.weight]), s.down_proj.weight]
-            for e in torch.randperm(cfg.moe_num_experts, generator=gens)[: cfg.moe_top_k].tolist():
-                mats += [m.gate_proj.weight[e], m.up_proj.weight[e], m.down_proj.weight[e]]
-        else:
-            mats += [layer.mlp.gate_proj.weight, layer.mlp.up_proj.weight, layer.mlp.down_proj.weight]
-    mats.append(model.lm_head.weight)
-    inputs = [torch.randn(1, w.shape[1]) for w in mats]
-    for _ in range(3):
-        for w, v in zip(mats, inputs):
-            torch.nn.functional.linear(v, w)
-    with Clock() as clock:
-        for _ in range(steps):
-            for w, v in zip(mats, inputs):
-                torch.nn.functional.linear(v, w)
-    return clock.rates(steps)
+def llamacpp_column():
+    """`decode_tok_s(model, prompts, new_tokens, threads) -> (wall, cpu) tok/s or None` from
+    benchmarks/llamacpp.py (GGUF export + llama.cpp, maintained with the GGUF work), if present."""
+    try:
+        from llamacpp import decode_tok_s
+    except ImportError:
+        return None
+    return decode_tok_s
 
 
 def hf_twin(model: Step35ForCausalLM):
     from transformers.models.step3p7 import Step3p7TextConfig, Step3p7TextModel
 
     cfg = model.config
-    hf_cfg = Step3p7TextConfig(**cfg.to_dict())
-    hf = Step3p7TextModel(hf_cfg).eval()
+    hf = Step3p7TextModel(Step3p7TextConfig(**cfg.to_dict())).eval()
     state = release_to_hf(model.state_dict(), cfg.num_hidden_layers)
     lm_head = state.pop("lm_head.weight")
     hf.load_state_dict(state)
@@ -121,7 +76,7 @@ def hf_twin(model: Step35ForCausalLM):
 
 @torch.inference_mode()
 def hf_decode(hf, lm_head, prompts: torch.Tensor, new_tokens: int):
-    """(wall tok/s, CPU tok/s) of greedy decode after the prefill, and the generated ids."""
+    """((wall, CPU) tok/s of greedy decode after the prefill, generated ids)."""
     from transformers import DynamicCache
 
     cache = DynamicCache(config=hf.config)
@@ -138,7 +93,7 @@ def hf_decode(hf, lm_head, prompts: torch.Tensor, new_tokens: int):
 
 @torch.inference_mode()
 def ours_decode(engine: Engine, prompts: list[list[int]], new_tokens: int, mtp: int = 0):
-    """(wall tok/s, CPU tok/s) after the prefill step, the generated ids and the requests' stats."""
+    """((wall, CPU) tok/s after the prefill step, generated ids, the requests' stats)."""
     rids = [engine.add_request(p, SamplingParams(max_new_tokens=new_tokens, speculative_tokens=mtp)) for p in prompts]
     reqs = [engine.scheduler.requests[r] for r in rids]
     first = engine.step()  # prefill: the first token of every request (and its first drafts)
@@ -149,22 +104,144 @@ def ours_decode(engine: Engine, prompts: list[list[int]], new_tokens: int, mtp: 
     return clock.rates(decoded), [r.output for r in reqs], [r.stats() for r in reqs]
 
 
+def best(runs: list[tuple[float, float]]) -> tuple[float, float]:
+    return max(r[0] for r in runs), max(r[1] for r in runs)
+
+
 def oracle(prompt: list[int], continuation: list[int]):
     """A draft hook that replaces every draft by the true greedy token: the speed if all were accepted."""
     full = list(prompt) + list(continuation)
     return lambda row, j, drafted: full[row.n + 1 + j] if row.n + 1 + j < len(full) else drafted
 
 
+def fmt(rate) -> str:
+    return "-" if rate is None else f"{rate[0]:.1f} / {rate[1]:.1f}"
+
+
+def speed_table(args, model, engines: dict, hf, llamacpp) -> None:
+    cfg, g = model.config, torch.Generator().manual_seed(0)
+    print("| threads | batch | stepflash eager | stepflash compiled | transformers | llama.cpp | compiled / eager "
+          "(CPU) | compiled / transformers (CPU) | same tokens |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for threads in args.threads:
+        torch.set_num_threads(threads)
+        for batch in args.batches:
+            prompts = torch.randint(0, cfg.vocab_size, (batch, args.prompt_len), generator=g)
+            runs: dict[str, list] = {name: [] for name in list(engines) + ["hf"]}
+            ids = {}
+            for name, engine in engines.items():
+                ours_decode(engine, prompts.tolist(), 4)  # warm-up (compiles this batch bucket once)
+            for _ in range(args.repeats):
+                for name, engine in engines.items():
+                    rate, ids[name], _ = ours_decode(engine, prompts.tolist(), args.new_tokens)
+                    runs[name].append(rate)
+                if hf is not None:
+                    rate, ids["hf"] = hf_decode(*hf, prompts, args.new_tokens)
+                    runs["hf"].append(rate)
+            eager, comp = best(runs["eager"]), best(runs["compiled"])
+            ref = best(runs["hf"]) if runs["hf"] else None
+            llama = llamacpp(model, prompts.tolist(), args.new_tokens, threads) if llamacpp else None
+            same = [ids["compiled"] == ids["eager"]] + ([ids["compiled"] == ids["hf"]] if ref else [])
+            print(f"| {threads} | {batch} | {fmt(eager)} | {fmt(comp)} | {fmt(ref)} | {fmt(llama)} | "
+                  f"{comp[1] / eager[1]:.2f}x | {f'{comp[1] / ref[1]:.2f}x' if ref else '-'} | "
+                  f"{'yes' if all(same) else 'NO'} |")
+
+
+def chat_prompts(path: str, checkpoint: str, n: int) -> list[list[int]]:
+    """The first n lines of a JSONL of {"prompt_ids": [...]}, or {"messages": [...]} / {"problem": ...}
+    rendered with the checkpoint's chat template and tokenizer, generation prompt on."""
+    import json
+
+    from stepflash.chat import ChatTemplate
+    from stepflash.tokenizer import load_tokenizer
+
+    tok, template = load_tokenizer(checkpoint), ChatTemplate.from_checkpoint(checkpoint)
+    out = []
+    with open(path) as f:
+        for line in f:
+            row = json.loads(line)
+            if "prompt_ids" in row:
+                out.append(row["prompt_ids"])
+                if len(out) == n:
+                    break
+                continue
+            messages = row.get("messages") or [{"role": "user", "content": row["problem"]}]
+            out.append(tok.encode(template.render(messages, tools=row.get("tools")), add_special_tokens=False).ids)
+            if len(out) == n:
+                break
+    return out
+
+
+def mtp_table(args, model, engine: Engine, prompts: list[list[int]]) -> None:
+    """Plain vs --mtp K with fixed drafting (K drafts every step) and with the engine's draft policy, on
+    the model's own drafts and on oracle drafts; then the step-cost breakdown the policy measured.
+    Batch 1, each prompt in turn; rates over all of them."""
+    cfg = model.config
+    torch.set_num_threads(args.threads[0])
+    print(f"\n| batch 1, compiled, {args.threads[0]} thread(s), {len(prompts)} prompt(s) | decode tok/s (wall / CPU) | "
+          "vs plain (CPU) | mean accepted drafts / verify step | verify steps | acceptance per draft position | "
+          "same tokens |")
+    print("|---|---|---|---|---|---|---|")
+    base = [ours_decode(engine, [p], args.new_tokens)[1][0] for p in prompts]
+    n, policy = cfg.num_nextn_predict_layers, engine.policy
+    runs = [("plain", 0, False, policy), (f"--mtp {n}, fixed", n, False, None), (f"--mtp {n}, adaptive", n, False, policy),
+            (f"--mtp {n}, fixed, oracle drafts", n, True, None), (f"--mtp {n}, adaptive, oracle drafts", n, True, policy)]
+    results: dict[str, list] = {label: [] for label, *_ in runs}
+    for rep in range(args.repeats + 1):  # the first round warms up (compiles the verify and draft shapes)
+        for label, k, use_oracle, pol in runs:
+            engine.policy, wall, cpu, ids, stats = pol, 0.0, 0.0, [], []
+            for p, b in zip(prompts if rep else prompts[:1], base):
+                engine.drafter.draft_hook = oracle(p, b) if use_oracle else None
+                (w, c), out, st = ours_decode(engine, [p], args.new_tokens if rep else 8, mtp=k)
+                tokens = len(out[0]) - 1
+                wall, cpu, ids, stats = wall + tokens / w, cpu + tokens / c, ids + out, stats + st
+            if rep:
+                tokens = sum(len(i) - 1 for i in ids)
+                results[label].append(((tokens / wall, tokens / cpu), ids, stats))
+    engine.drafter.draft_hook, engine.policy = None, policy
+    plain = best([r[0] for r in results["plain"]])
+    for label, k, *_ in runs:
+        rate = best([r[0] for r in results[label]])
+        _, ids, stats = results[label][-1]
+        steps = sum(s["verify_steps"] for s in stats)
+        accepted = sum(s["mean_accepted"] * s["verify_steps"] for s in stats) / max(steps, 1)
+        tried = [sum(s["acceptance_per_position"][j] * s["verify_steps"] for s in stats) / max(steps, 1)
+                 for j in range(k)]
+        acc = ", ".join(f"{a:.2f}" for a in tried) or "-"
+        print(f"| {label} | {fmt(rate)} | {rate[1] / plain[1]:.2f}x | {accepted:.2f} | {steps} | {acc} | "
+              f"{'yes' if ids == base else 'NO'} |")
+    cost = {key: min(v) * 1e3 for key, v in policy.seconds.items() if key[1] == 1}
+    print("\nstep costs the draft policy measured at batch 1 (ms, minimum of the last 16): "
+          + ", ".join(f"{kind} k={k}: {ms:.2f}" for (kind, _, k), ms in sorted(cost.items(), key=lambda x: (x[0][0], x[0][2]))))
+
+
+def kv_table() -> None:
+    print("\n| KV cache per sequence (bf16, release config) | 8k tokens | 32k tokens |")
+    print("|---|---|---|")
+    rel = flash()
+    L = rel.num_hidden_layers
+    for label, types_ in (("S3F1 (12 full + 33 sliding, window 512)", None), ("all 45 layers full", ["full_attention"] * L)):
+        sizes = [cache_bytes(rel, n, layer_types=types_, mtp=False) / 2**30 for n in (8192, 32768)]
+        print(f"| {label} | {sizes[0]:.2f} GiB | {sizes[1]:.2f} GiB |")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--config", default="small", choices=sorted(PRESETS))
     ap.add_argument("--checkpoint", default=None, help="use a trained checkpoint instead of random weights")
-    ap.add_argument("--new-tokens", type=int, default=48)
+    ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--prompt-len", type=int, default=32)
-    ap.add_argument("--threads", type=int, default=1, help="torch threads for both implementations")
+    ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    ap.add_argument("--batches", type=int, nargs="+", default=[1, 8])
+    ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--skip-hf", action="store_true")
+    ap.add_argument("--no-mtp", action="store_true", help="skip the MTP table")
+    ap.add_argument("--no-speed", action="store_true", help="skip the speed table")
+    ap.add_argument("--prompts", default=None, help="with --checkpoint: JSONL of prompts for the MTP table "
+                    "({\"prompt_ids\": [...]}, or {\"messages\": [...]} / {\"problem\": ...} rendered with the "
+                    "checkpoint's template and tokenizer); generation then stops at the model's stop tokens")
+    ap.add_argument("--mtp-prompts", type=int, default=8, help="prompts of --prompts the MTP table decodes")
     args = ap.parse_args()
-    torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     if args.checkpoint:
         from stepflash.checkpoint import load_model
@@ -174,66 +251,31 @@ def main() -> None:
         model = Step35ForCausalLM(PRESETS[args.config]())
     model.eval()
     cfg = model.config
-    cfg.eos_token_id = []  # every run decodes exactly --new-tokens
+    if not args.prompts:
+        cfg.eos_token_id = []  # every run decodes exactly --new-tokens (chat prompts stop at the reply's end)
     n_params = sum(p.numel() for p in model.parameters())
     print(f"model: {args.checkpoint or args.config} ({cfg.num_hidden_layers} layers, hidden {cfg.hidden_size}, "
           f"{cfg.moe_num_experts} experts top-{cfg.moe_top_k}, vocab {cfg.vocab_size}, window {cfg.sliding_window}; "
           f"{n_params / 1e6:.1f}M parameters incl. {cfg.num_nextn_predict_layers} MTP layers), fp32, "
-          f"{args.threads} thread(s), load average {os.getloadavg()[0]:.1f}")
-    bw = copy_bandwidth()
-    print(f"copy bandwidth: {bw / 1e9:.1f} GB/s\n")
-
-    g = torch.Generator().manual_seed(0)
-    engine = Engine(model, max_batch_size=8)
-    hf = lm_head = None
-    if not args.skip_hf:
-        hf, lm_head = hf_twin(model)
-    fw, fc = gemv_floor(model)
-    print(f"batch-1 floor, the step's matrix-vector products alone: {fw:.1f} / {fc:.1f} tok/s (wall / CPU)\n")
-    print("| batch | stepflash tok/s (wall / CPU) | transformers tok/s (wall / CPU) | speedup (CPU) | "
-          "bandwidth bound tok/s | same tokens |")
-    print("|---|---|---|---|---|---|")
-    for batch in (1, 8):
-        prompts = torch.randint(0, cfg.vocab_size, (batch, args.prompt_len), generator=g)
-        ours_decode(engine, prompts.tolist(), 4)  # warm-up
-        (ow, oc), ours_ids, _ = ours_decode(engine, prompts.tolist(), args.new_tokens)
-        bound = bw * batch / step_bytes(model, batch)
-        if hf is not None:
-            hf_decode(hf, lm_head, prompts, 4)
-            (hw, hc), hf_ids = hf_decode(hf, lm_head, prompts, args.new_tokens)
-            same = sum(a == b for a, b in zip(ours_ids, hf_ids))
-            print(f"| {batch} | {ow:.1f} / {oc:.1f} | {hw:.1f} / {hc:.1f} | {oc / hc:.1f}x | {bound:.0f} | {same}/{batch} |")
+          f"{args.prompt_len}-token prompts, {args.new_tokens} new tokens, best of {args.repeats}; "
+          f"load average {os.getloadavg()[0]:.1f} at start")
+    engines = {"eager": Engine(model, max_batch_size=max(args.batches)),
+               "compiled": Engine(model, max_batch_size=max(args.batches), compile=True)}
+    if engines["compiled"].compiled is None:
+        sys.exit(f"no compiled engine: {engines['compiled'].compile_note}")
+    hf = None if args.skip_hf or args.no_speed else hf_twin(model)
+    if not args.no_speed:
+        speed_table(args, model, engines, hf, llamacpp_column())
+    if not args.no_mtp:
+        if args.prompts:
+            prompts = chat_prompts(args.prompts, args.checkpoint, args.mtp_prompts)
         else:
-            print(f"| {batch} | {ow:.1f} / {oc:.1f} | - | - | {bound:.0f} | - |")
-
-    print("\n| batch 1 | decode tok/s (wall / CPU) | vs plain (CPU) | mean accepted drafts / step | "
-          "acceptance per draft position | same tokens |")
-    print("|---|---|---|---|---|---|")
-    prompts = torch.randint(0, cfg.vocab_size, (1, args.prompt_len), generator=g).tolist()
-    (bw_, bc), base_ids, _ = ours_decode(engine, prompts, args.new_tokens)
-    print(f"| plain | {bw_:.1f} / {bc:.1f} | 1.00x | - | - | - |")
-    runs = [(f"--mtp {k}", k, None) for k in range(1, cfg.num_nextn_predict_layers + 1)]
-    runs.append((f"--mtp {cfg.num_nextn_predict_layers}, oracle drafts", cfg.num_nextn_predict_layers,
-                 oracle(prompts[0], base_ids[0])))
-    for label, k, hook in runs:
-        engine.drafter.draft_hook = hook
-        ours_decode(engine, prompts, 4, mtp=k)
-        (rw, rc), ids, stats = ours_decode(engine, prompts, args.new_tokens, mtp=k)
-        acc = ", ".join(f"{a:.2f}" for a in stats[0]["acceptance_per_position"])
-        print(f"| {label} | {rw:.1f} / {rc:.1f} | {rc / bc:.2f}x | {stats[0]['mean_accepted']:.2f} | {acc} | "
-              f"{'yes' if ids == base_ids else 'no'} |")
-    engine.drafter.draft_hook = None
-
-    print("\n| KV cache per sequence (bf16, release config) | 8k tokens | 32k tokens |")
-    print("|---|---|---|")
-    rel = flash()
-    L = rel.num_hidden_layers
-    for label, types_ in (("S3F1 (12 full + 33 sliding, window 512)", None), ("all 45 layers full", ["full_attention"] * L)):
-        sizes = [cache_bytes(rel, n, layer_types=types_, mtp=False) / 2**30 for n in (8192, 32768)]
-        print(f"| {label} | {sizes[0]:.2f} GiB | {sizes[1]:.2f} GiB |")
-    ratio = [cache_bytes(rel, n, layer_types=["full_attention"] * L, mtp=False) / cache_bytes(rel, n, mtp=False)
-             for n in (8192, 32768)]
-    print(f"| all-full / S3F1 | {ratio[0]:.2f}x | {ratio[1]:.2f}x |")
+            prompts = torch.randint(0, cfg.vocab_size, (1, args.prompt_len), generator=torch.Generator().manual_seed(1))
+            prompts = prompts.tolist()
+        mtp_table(args, model, engines["compiled"], prompts)
+    print(f"\ncompile time (all shapes above, this process): {engines['compiled'].compile_seconds:.0f} s; "
+          f"load average at the end {os.getloadavg()[0]:.1f}")
+    kv_table()
 
 
 if __name__ == "__main__":

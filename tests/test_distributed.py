@@ -40,6 +40,7 @@ from stepflash.distributed import (ExpertParallelMoE, build_mesh, clip_grad_norm
                                    parallelize)
 from stepflash.errors import UserError
 from stepflash.model import Step35ForCausalLM
+from stepflash.model.fused import fused_row_splits
 from stepflash.training.muon import Muon, orthogonalize
 from stepflash.training.optimizer import CombinedOptimizer, split_parameters
 
@@ -67,7 +68,8 @@ def _optimizer(model, kind: str) -> CombinedOptimizer:
     sgd = lambda params: torch.optim.SGD(params, lr=LR, momentum=0.9, weight_decay=0.1)  # noqa: E731
     if kind == "sgd":
         return CombinedOptimizer([sgd(rest + groups["muon"])])
-    return CombinedOptimizer([sgd(rest), Muon(groups["muon"], lr=LR / 10, weight_decay=0.1)])
+    muon = Muon(groups["muon"], lr=LR / 10, weight_decay=0.1, row_splits=fused_row_splits(model))
+    return CombinedOptimizer([sgd(rest), muon])
 
 
 def _loss(model, ids: torch.Tensor) -> torch.Tensor:
@@ -186,15 +188,16 @@ def _ep_moe_matches(rank: int, ep_mesh) -> float:
 
 def _muon_on_uneven_shards(mesh) -> tuple[float, float]:
     """Two Muon steps on matrices whose rows do not split evenly (5 rows: one rank short; 1 row: one rank
-    empty), sharded by rows over the world, against the same steps on plain tensors. Returns (max error,
+    empty; a fused 3 + 4 row weight whose parts straddle the ranks' blocks), sharded by rows over the
+    world, against the same steps on plain tensors. Returns (max error,
     max error of orthogonalising each rank's rows alone: the bug the owner-rank exchange avoids)."""
     world = flat_mesh(mesh)
-    shapes, g = [(5, 12), (1, 12), (16, 6), (2, 4, 6)], torch.Generator().manual_seed(7)
+    shapes, g = [(5, 12), (1, 12), (16, 6), (2, 4, 6), (7, 12)], torch.Generator().manual_seed(7)
     full = [torch.randn(*s, generator=g) for s in shapes]
     grads = [[torch.randn(*s, generator=g) for s in shapes] for _ in range(2)]
     plain = [torch.nn.Parameter(t.clone()) for t in full]
     sharded = [torch.nn.Parameter(distribute_tensor(t.clone(), world, [Shard(0)])) for t in full]
-    opts = [Muon(plain, lr=0.1, weight_decay=0.1), Muon(sharded, lr=0.1, weight_decay=0.1)]
+    opts = [Muon(params, lr=0.1, weight_decay=0.1, row_splits={id(params[-1]): [3, 4]}) for params in (plain, sharded)]
     for step in range(2):
         for params, opt in zip((plain, sharded), opts):
             for p, gr in zip(params, grads[step]):
@@ -226,7 +229,7 @@ def _bf16_run(mesh, ep: int, rank: int, world: int) -> dict:
     layer = model.model.layers[1]
     layer.moe.register_forward_pre_hook(lambda m, a: seen.update(router=m.gate.weight.dtype))
     layer.input_layernorm.register_forward_pre_hook(lambda m, a: seen.update(norm=m.weight.dtype))
-    layer.self_attn.q_proj.register_forward_pre_hook(lambda m, a: seen.update(q_proj=m.weight.dtype))
+    layer.self_attn.qkvg_proj.register_forward_pre_hook(lambda m, a: seen.update(q_proj=m.weight.dtype))
     peaks = [_peak_memory_of_a_step(parallelize(_model(), mesh, ep=ep), rank, world),
              _peak_memory_of_a_step(model, rank, world)]
     losses = _train(model, _optimizer(model, "sgd"), range(STEPS), rank, world)

@@ -77,41 +77,6 @@ def test_greedy_matches_transformers_without_cache():
         assert res.token_ids == ids[len(prompt):]
 
 
-@torch.inference_mode()
-def test_lean_runner_matches_model_modules(model):
-    """The engine's CPU runner computes the model's function (trunk and MTP blocks), sees in-place
-    weight updates, and gives the same generations as the engine on the model's own modules."""
-    from stepflash.inference.kv_cache import TRUNK, KVCache, mtp_group
-    from stepflash.inference.runner import LeanRunner
-    from stepflash.inference.speculative import mtp_block
-
-    runner = LeanRunner(model)
-    caches = [KVCache(model.config, 3), KVCache(model.config, 3)]
-    for step, (T, valid) in enumerate([(20, [20, 13, 1]), (1, [1, 1, 1]), (4, [4, 2, 0]), (12, [12, 12, 12])]):
-        ids = torch.randint(0, 256, (3, T))
-        if step == 2:
-            with torch.no_grad():  # as an optimizer step would: the runner must notice
-                model.model.layers[1].input_layernorm.weight.add_(0.3)
-        out = []
-        for fn, cache in zip((model.trunk, runner.trunk), caches):
-            out.append(fn(ids, cache.begin(TRUNK, 0, 3, T, valid), cache))
-        for r, v in enumerate(valid):
-            torch.testing.assert_close(out[1][r, :v], out[0][r, :v], atol=1e-5, rtol=1e-5)
-    with torch.no_grad():
-        model.model.layers[1].input_layernorm.weight.sub_(0.3)
-    h = torch.randn(2, 9, model.config.hidden_size)
-    ids = torch.randint(0, 256, (2, 9))
-    for j in range(3):
-        got = runner.mtp_block(j, ids, h, caches[1].begin(mtp_group(j), 0, 2, 9), caches[1])
-        ref = mtp_block(model, j, ids, h, caches[0].begin(mtp_group(j), 0, 2, 9), caches[0])
-        torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
-    prompts = prompts_of(4, 11)
-    for k in (0, 2):
-        lean = Engine(model, max_batch_size=2, lean=True).generate(prompts, 12, speculative_tokens=k)
-        mods = Engine(model, max_batch_size=2, lean=False).generate(prompts, 12, speculative_tokens=k)
-        assert [r.token_ids for r in lean] == [r.token_ids for r in mods]
-
-
 # ---- batching ------------------------------------------------------------------------------------
 
 def test_batched_prompts_of_different_lengths_equal_alone(model):

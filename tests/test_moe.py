@@ -1,9 +1,11 @@
+"""Routed experts: every expert path equals the formula, the router bias only selects, gradients flow,
+the fused shared expert keeps the release's names, and edge token counts work."""
+
 import pytest
 import torch
 
-import stepflash.model.moe as moe_mod
 from stepflash.config import tiny
-from stepflash.model.moe import MoE, moe_reference
+from stepflash.model.moe import MoE, SwiGLU, moe_reference
 
 
 def make_moe(limit=0.5):
@@ -16,18 +18,26 @@ def make_moe(limit=0.5):
     return m
 
 
-def test_grouped_equals_naive_formula():
+@pytest.mark.parametrize("n_tokens", [3, 40])  # 3 x top-2 rows <= 8 experts: gather; 80 rows: loop
+@pytest.mark.parametrize("path", [None, "gather", "loop", "grouped_mm"])
+def test_every_path_equals_naive_formula(path, n_tokens):
+    if path == "grouped_mm" and not hasattr(torch, "_grouped_mm"):
+        pytest.skip("torch._grouped_mm is missing")
     m = make_moe()
-    x = torch.randn(3, 7, 64)
+    m.expert_path = path
+    x = torch.randn(n_tokens, 64)
     torch.testing.assert_close(m(x), moe_reference(m, x), atol=1e-5, rtol=1e-5)
+    x3 = torch.randn(2, n_tokens, 64)  # any leading shape
+    torch.testing.assert_close(m(x3), moe_reference(m, x3), atol=1e-5, rtol=1e-5)
 
 
-def test_fallback_path_equals_grouped(monkeypatch):
+def test_naive_formula_is_sensitive_to_routing():
+    """Negative control: the comparison notices a wrong routing weight."""
     m = make_moe()
-    x = torch.randn(20, 64)
-    ref = m(x)
-    monkeypatch.setattr(moe_mod, "_grouped_mm_ok", lambda x: False)
-    torch.testing.assert_close(m(x), ref, atol=1e-5, rtol=1e-5)
+    x = torch.randn(5, 64)
+    ref = moe_reference(m, x)
+    m.scaling = 1.0
+    assert (m(x) - ref).abs().max() > 1e-2
 
 
 def test_router_bias_selects_but_does_not_weight():
@@ -44,17 +54,55 @@ def test_router_bias_selects_but_does_not_weight():
     torch.testing.assert_close(w2, chosen / chosen.sum(-1, keepdim=True) * 2.0)
 
 
-def test_gradients_flow_to_experts_and_router():
+@pytest.mark.parametrize("path", ["gather", "loop"])
+def test_gradients_flow_to_experts_and_router(path):
     m = make_moe()
+    m.expert_path = path
     x = torch.randn(10, 64, requires_grad=True)
-    (m(x) * torch.randn(10, 64)).sum().backward()
+    g = torch.randn(10, 64)
+    (m(x) * g).sum().backward()
     assert m.gate.weight.grad.abs().sum() > 0
-    assert m.gate_proj.weight.grad.abs().sum() > 0 and m.down_proj.weight.grad.abs().sum() > 0
-    assert x.grad.abs().sum() > 0
+    grads = {n: p.grad.clone() for n, p in m.named_parameters()}
+    xg = x.grad.clone()
+    m.zero_grad()
+    x.grad = None
+    (moe_reference(m, x) * g).sum().backward()  # the naive loop's gradients
+    torch.testing.assert_close(x.grad, xg, atol=1e-5, rtol=1e-4)
+    for n, p in m.named_parameters():
+        torch.testing.assert_close(p.grad, grads[n], atol=1e-5, rtol=1e-4, msg=n)
+
+
+def test_routing_record_and_expert_stats():
+    m = make_moe()
+    m.record_routing = m.record_expert_stats = True
+    x = torch.randn(12, 64)
+    m(x)
+    rec = m.last_routing
+    _, _, idx = m.route(x)
+    assert torch.equal(rec["counts"], torch.bincount(idx.reshape(-1), minlength=8))
+    # per-expert output norms, summed over the rows each expert ran
+    want = torch.zeros(8)
+    for n in range(12):
+        for e in idx[n].tolist():
+            g, u = x[n] @ m.gate_proj.weight[e].T, x[n] @ m.up_proj.weight[e].T
+            a = torch.nn.functional.silu(g).clamp(max=0.5) * u.clamp(-0.5, 0.5)
+            want[e] += (a @ m.down_proj.weight[e].T).norm()
+    torch.testing.assert_close(rec["out_norm_sum"], want, atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.parametrize("n_tokens", [1, 0])
-def test_edge_token_counts(n_tokens):
+@pytest.mark.parametrize("path", ["gather", "loop"])
+def test_edge_token_counts(n_tokens, path):
     m = make_moe()
+    m.expert_path = path
     x = torch.randn(n_tokens, 64)
     assert m(x).shape == (n_tokens, 64)
+
+
+def test_swiglu_fused_gate_up_keeps_release_names():
+    mlp = SwiGLU(16, 24, limit=0.0)
+    state = mlp.state_dict()
+    assert sorted(state) == ["down_proj.weight", "gate_proj.weight", "up_proj.weight"]
+    x = torch.randn(3, 16)
+    ref = mlp.down_proj(torch.nn.functional.silu(x @ state["gate_proj.weight"].T) * (x @ state["up_proj.weight"].T))
+    torch.testing.assert_close(mlp(x), ref)

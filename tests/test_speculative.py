@@ -8,7 +8,7 @@ from stepflash.config import make_config, tiny
 from stepflash.inference import speculative
 from stepflash.inference.engine import Engine
 from stepflash.inference.sampling import target_probs
-from stepflash.inference.speculative import mtp_block, mtp_head, verify
+from stepflash.inference.speculative import DraftPolicy, verify, verify_greedy
 from stepflash.model import Step35ForCausalLM
 
 
@@ -63,9 +63,9 @@ def test_mtp_block_and_head_equal_model_mtp(model):
     pos = torch.arange(3, 10).expand(2, 7)
     for j in range(3):
         z, logits = model.mtp(j, ids, h, pos)
-        z2 = mtp_block(model, j, ids, h, pos)
+        z2 = model.mtp_block(j, ids, h, pos)
         torch.testing.assert_close(z2, z)
-        torch.testing.assert_close(mtp_head(model, j, z2), logits)
+        torch.testing.assert_close(model.mtp_head(j, z2), logits)
 
 
 @pytest.mark.parametrize("k", [1, 2, 3])
@@ -90,7 +90,7 @@ def test_greedy_with_forced_acceptance(model, k):
     prompts = [torch.randint(0, 256, (n,)).tolist() for n in (5, 13)]
     refs = {tuple(p): greedy_uncached(model, p, 40) for p in prompts}
     for partial in (False, True):
-        engine = Engine(model, max_batch_size=2)
+        engine = Engine(model, max_batch_size=2, adaptive_drafts=False)  # k drafts every step, as forced
         engine.drafter.trace = []
         passes = {}
 
@@ -111,6 +111,68 @@ def test_greedy_with_forced_acceptance(model, k):
             else:
                 assert acc == [1.0] * k and r.stats["mean_accepted"] > k - 0.3  # fewer drafts near the end
         check_trace(model, engine.drafter.trace[::2])
+
+
+def test_adaptive_drafting_stops_probes_and_catches_up_exactly(model):
+    """Random MTP weights accept nothing: the policy stops drafting after a few verify steps, probes
+    with one draft now and then, and every draft after a pause (modules catching up from their
+    history over the positions they sat out) equals the uncached teacher-forced chain."""
+    prompts = [torch.randint(0, 256, (n,)).tolist() for n in (7, 3)]
+    engine = Engine(model, max_batch_size=2)
+    engine.drafter.trace = []
+    out = engine.generate(prompts, 90, speculative_tokens=3)
+    for p, r in zip(prompts, out):
+        assert r.token_ids == greedy_uncached(model, p, 90)
+        assert 3 <= r.stats["verify_steps"] <= 8  # a few steps drafting, then probes after 24, 48 steps
+    # Drafts after pauses: probes (module 0, catching up over ~24 positions from its history).
+    late = [e for e in engine.drafter.trace if len(e["context"]) > 30]
+    assert late and {e["j"] for e in late} == {0}
+    check_trace(model, late + engine.drafter.trace[:6])
+
+
+def test_draft_policy_choices():
+    class Row:
+        def __init__(self, rates):
+            self.accept_rate, self.since_draft, self.probe_backoff, self.probing = list(rates), 0, 1, False
+
+    policy = DraftPolicy(num_modules=3, history=64)
+    assert policy.choose(Row([0.0, 0.0, 0.0]), 3, [0, 0, 0]) == 0
+    assert policy.choose(Row([0.95, 0.95, 0.95]), 3, [0, 0, 0]) == 3
+    assert policy.choose(Row([0.95, 0.95, 0.95]), 2, [0, 0, 0]) == 2  # never more than asked
+    assert policy.choose(Row([0.9, 0.1, 0.1]), 3, [0, 0, 0]) == 1  # only the first draft pays
+    # Measured costs replace the prior: drafts that cost 3x a plain step do not pay at 0.9 acceptance.
+    for k, sec in ((0, 1.0), (1, 2.0), (2, 3.0), (3, 4.0)):
+        for _ in range(3):  # costs count once measured three times
+            policy.observe("verify", 1, k, sec)
+            policy.observe("draft", 1, k, sec)
+    assert policy.choose(Row([0.9, 0.9, 0.9]), 3, [0, 0, 0]) == 0
+    row = Row([0.0, 0.0, 0.0])  # a row that stopped drafting probes with one draft now and then
+    choices = [policy.choose(row, 3, [0, 0, 0]) for _ in range(2 * policy.probe_every)]
+    assert choices.count(1) == 2 and set(choices) == {0, 1}
+    policy.observe_verify(row, 1, 0)  # the probe failed: the next one comes after twice as long
+    choices = [policy.choose(row, 3, [0, 0, 0]) for _ in range(4 * policy.probe_every)]
+    assert [i for i, c in enumerate(choices) if c] == [2 * policy.probe_every - 1, 4 * policy.probe_every - 1]
+    assert policy.choose(Row([0.0] * 3), 3, [0, 60, 0]) == 0  # a sliding module may fall behind ...
+    policy.can_skip = False
+    assert policy.choose(Row([0.0] * 3), 3, [0, 60, 0]) == 2  # ... one with full layers is run first
+    row = Row([1.0, 1.0])
+    policy.observe_verify(row, 2, 0)  # first draft rejected: the second was never tested
+    assert row.accept_rate == [0.8, 1.0]
+
+
+def test_greedy_verify_equals_the_general_rule():
+    torch.manual_seed(2)
+    b, K, V = 64, 3, 5
+    logits = torch.randn(b, K + 1, V)
+    best = logits.argmax(-1)
+    drafts = torch.where(torch.rand(b, K) < 0.6, best[:, :K], torch.randint(0, V, (b, K)))
+    k = torch.randint(0, K + 1, (b,))
+    one_hot = torch.nn.functional.one_hot
+    a, final = verify(one_hot(best, V).float(), drafts, one_hot(drafts, V).float(), k, torch.rand(b, K).double(),
+                      torch.rand(b).double())
+    assert torch.equal(verify_greedy(best, drafts, k), a)
+    assert torch.equal(final, best[torch.arange(b), a])
+    assert (a > 0).any() and (a < k).any()
 
 
 def test_acceptance_rule_is_exact():
@@ -178,7 +240,7 @@ def sample_firsts(model, prompt, steps, params, n, k):
 def test_speculative_sampling_keeps_target_distribution(params, monkeypatch):
     cfg = make_config(2, 32, full_heads=2, sliding_heads=2, kv_heads=1, head_dim=16, window=4, vocab=12,
                       inter=48, experts=4, top_k=2, moe_inter=16, max_pos=64, rope_original=16)
-    model = random_model(cfg, scale=0.3, seed=3)
+    model = random_model(cfg, scale=0.3, seed=10)  # a seed whose drafts are accepted about half the time
     prompt, steps, n = [3, 7, 1, 4, 9], 4, 2000
     exact = exact_marginals(model, prompt, steps, params)
     counts, mean_acc = sample_firsts(model, prompt, steps, params, n, k=3)

@@ -205,6 +205,22 @@ def test_muon_step_is_the_scaled_polar_factor():
     torch.testing.assert_close(p.detach(), expected)
 
 
+def test_muon_treats_each_matrix_of_a_fused_weight_as_its_own():
+    """A fused weight (q/k/v/gate rows in one parameter) steps exactly as its parts would unfused."""
+    parts = [torch.nn.Parameter(torch.zeros(n, 16)) for n in (8, 4, 2)]
+    fused = torch.nn.Parameter(torch.zeros(14, 16))
+    for p in parts:
+        p.grad = torch.randn(p.shape)
+    fused.grad = torch.cat([p.grad for p in parts])
+    Muon(parts, lr=0.1).step()
+    Muon([fused], lr=0.1, row_splits={id(fused): [8, 4, 2]}).step()
+    torch.testing.assert_close(fused.detach(), torch.cat([p.detach() for p in parts]))
+    whole = torch.nn.Parameter(torch.zeros(14, 16))
+    whole.grad = fused.grad.clone()
+    Muon([whole], lr=0.1).step()  # negative control: one 14 x 16 matrix is a different update
+    assert not torch.allclose(whole, fused)
+
+
 def test_lr_schedule():
     assert lr_factor(0, 10, 100, 0.1) == pytest.approx(0.1)
     assert lr_factor(9, 10, 100, 0.1) == pytest.approx(1.0)

@@ -1,7 +1,8 @@
 """Checkpoints in the release's layout: config.json plus safetensors, sharded with an index when large.
 
-`load_model` builds the model on the meta device (no memory), then reads one shard at a time and puts
-each tensor in place, cast to `dtype` and moved to `device`; the router bias stays fp32. Every tensor
+`load_model` builds the model on the meta device (no memory), then reads one shard at a time, casting each
+tensor to `dtype` and moving it to `device` (the router bias stays fp32), and assigns them all with
+`load_state_dict(assign=True)`, whose adapter fuses projections stored separately (`model/fused.py`). Every tensor
 is checked: a missing, unexpected or mis-shaped tensor stops the load with its name and both shapes.
 `save_model` writes the same layout back, each file written to a temporary name and renamed, so a
 crash never leaves a half-written file under the final name. Beside the weights it writes what peers
@@ -69,15 +70,6 @@ def _expected_tensors(model: nn.Module) -> dict[str, tuple[torch.Size, torch.dty
     return {name: (t.shape, t.dtype) for name, t in model.state_dict().items()}
 
 
-def _put(model: nn.Module, name: str, tensor: torch.Tensor) -> None:
-    module_name, _, leaf = name.rpartition(".")
-    module = model.get_submodule(module_name)
-    if leaf in module._parameters:
-        module._parameters[leaf] = nn.Parameter(tensor, requires_grad=module._parameters[leaf].requires_grad)
-    else:
-        module._buffers[leaf] = tensor
-
-
 def load_model(path: str, dtype: torch.dtype | None = None, device: str | torch.device = "cpu",
                config: Step35Config | None = None) -> Step35ForCausalLM:
     """Load a checkpoint directory (config.json + model.safetensors or a sharded index) into a model.
@@ -90,7 +82,7 @@ def load_model(path: str, dtype: torch.dtype | None = None, device: str | torch.
     with torch.device("meta"):
         model = Step35ForCausalLM(cfg)
     expected = _expected_tensors(model)
-    seen: set[str] = set()
+    state: dict[str, torch.Tensor] = {}
     for fname, names in files.items():
         fpath = os.path.join(path, fname)
         if not os.path.isfile(fpath):
@@ -108,13 +100,14 @@ def load_model(path: str, dtype: torch.dtype | None = None, device: str | torch.
                     tensor = tensor.float()
                 elif dtype is not None and tensor.is_floating_point():
                     tensor = tensor.to(dtype)
-                _put(model, name, tensor.to(device))
-                seen.add(name)
-    missing = sorted(set(expected) - seen)
+                state[name] = tensor.to(device)
+    missing = sorted(set(expected) - set(state))
     if missing:
         more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
         raise CheckpointError(f"tensor {missing[0]}{more} missing from checkpoint {path} "
                               f"(expected shape {list(expected[missing[0]][0])})")
+    # The model's state-dict adapter turns the release names into its fused parameters (model/fused.py).
+    model.load_state_dict(state, assign=True)
     return model
 
 

@@ -1,17 +1,17 @@
 """Expert parallelism: each rank of an EP group holds E/ep routed experts and tokens travel to them.
 
-`ExpertParallelMoE` replaces a `stepflash.model.moe.MoE` from outside the model (the model files stay
-single-device). It is a subclass, so routing (`MoE.route`: sigmoid router, selection-only bias, top-k,
-renormalised and scaled weights) and the grouped expert matmul (`grouped_linear`) are the model's own;
+The model's `MoE` takes its token dispatcher as an object; `AllToAllDispatcher` is the expert-parallel
+one, and `apply_expert_parallel` installs it from outside the model (the model files stay single-device).
+Routing (`MoE.route`), the sort by expert, the expert matmuls and the weighted sum are the model's own;
 only the path of the token rows differs:
 
 1. every rank routes its own tokens with the full, replicated router; rows (token, expert) are sorted
    by expert id, which also sorts them by destination rank;
-2. per-expert row counts are exchanged with one `all_to_all_single`, so each rank learns how many rows
-   it will receive from every peer for each of its local experts (the split sizes);
-3. the rows themselves go out with `all_to_all_single` (dispatch), are regrouped by local expert, run
-   through the local expert slice, regrouped back and returned with the reverse `all_to_all_single`
-   (combine); the origin rank weights them and sums them into its tokens exactly as `MoE.forward` does.
+2. `dispatch`: per-expert row counts are exchanged with one `all_to_all_single`, so each rank learns how
+   many rows it will receive from every peer for each of its local experts (the split sizes); the rows
+   themselves go out with `all_to_all_single` and are regrouped by local expert;
+3. the local expert slice runs on them (`ExpertSlice`); `combine` regroups the outputs back and returns
+   them with the reverse `all_to_all_single`, so the origin rank weights and sums them as usual.
 
 The stacked expert weights keep their release names (`moe.gate_proj.weight`, ...) and are DTensors on
 the EP mesh, sharded on the expert dimension: their global shape stays [E, out, in], so state dicts,
@@ -27,7 +27,7 @@ from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Shard
 
-from stepflash.model.moe import MoE, StackedWeight, grouped_linear, sort_by_expert, swiglu
+from stepflash.model.moe import ExpertRows, MoE, StackedWeight, choose_path, expert_counts
 
 
 class _AllToAll(torch.autograd.Function):
@@ -51,23 +51,19 @@ def all_to_all(x: torch.Tensor, out_splits: list[int], in_splits: list[int], gro
     return _AllToAll.apply(x, out_splits, in_splits, group)
 
 
-def _local(w: torch.Tensor) -> torch.Tensor:
-    return w.to_local() if isinstance(w, DTensor) else w
-
-
 class ExpertSlice(StackedWeight):
-    """One stacked projection, this rank's experts only; `weight` is a DTensor of global shape [E, out, in].
+    """One stacked projection, this rank's experts only; `weight` is a DTensor of global shape [E, out, in]."""
 
-    Called as a module (rather than read as a tensor) so that FSDP's forward hooks gather it."""
+    def local_weight(self) -> torch.Tensor:
+        w = self.weight
+        return w.to_local() if isinstance(w, DTensor) else w  # [E/ep, out, in]
 
-    def forward(self, rows: torch.Tensor, counts: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
-        """rows [M, in] grouped by local expert -> [M, out]."""
-        w = _local(self.weight)  # [E/ep, out, in]
-        out = grouped_linear(rows, w, counts, offsets)
+    def forward(self, rows: torch.Tensor, experts: ExpertRows) -> torch.Tensor:
+        out = super().forward(rows, experts)
         if rows.shape[0] == 0:
             # No rows reached this rank: keep the weight in the graph so that it still gets a (zero)
             # gradient, as FSDP reduce-scatters the same tensors on every rank.
-            out = out + 0.0 * w.sum().to(out.dtype)
+            out = out + 0.0 * self.local_weight().sum().to(out.dtype)
         return out
 
     @classmethod
@@ -82,8 +78,45 @@ class ExpertSlice(StackedWeight):
         return holder
 
 
+class AllToAllDispatcher:
+    """Sends each routed row to the rank of its expert and brings the outputs back (module docstring)."""
+
+    def __init__(self, ep_mesh: DeviceMesh, num_experts: int):
+        self.group, self.ep = ep_mesh.get_group(), ep_mesh.size()
+        self.local_experts = num_experts // self.ep
+
+    def dispatch(self, x: torch.Tensor, topk_idx: torch.Tensor, num_experts: int, path: str | None = None):
+        """x [N, H], topk_idx [N, k] -> (received rows grouped by local expert, their ExpertRows, handle)."""
+        ep, per = self.ep, self.local_experts
+        flat = topk_idx.reshape(-1)  # [N*k]
+        order = torch.argsort(flat, stable=True)  # by expert, hence by destination rank
+        rows = x[order // topk_idx.shape[-1]]
+        counts = expert_counts(flat, num_experts)  # [E] rows this rank sends per expert
+        recv = torch.empty_like(counts)  # recv[s, e] = rows rank s sends to my local expert e
+        dist.all_to_all_single(recv, counts, group=self.group)
+        recv = recv.view(ep, per)  # [ep, E/ep]
+        send_splits = counts.view(ep, per).sum(1).tolist()
+        recv_splits = recv.sum(1).tolist()
+        received = all_to_all(rows, recv_splits, send_splits, self.group)  # [M, H], by source rank then expert
+        # Regroup by local expert (stable, so rows of one expert keep their source order).
+        expert_of_row = torch.repeat_interleave(torch.arange(per, device=x.device).repeat(ep), recv.reshape(-1))
+        perm = torch.argsort(expert_of_row, stable=True)  # [M]
+        unperm = torch.empty_like(perm)
+        unperm[perm] = torch.arange(perm.numel(), device=perm.device)
+        path = path or choose_path(received, received.shape[0], per)
+        experts = ExpertRows(expert_of_row[perm], recv.sum(0), path)
+        return received[perm], experts, (order, unperm, send_splits, recv_splits)
+
+    def combine(self, rows: torch.Tensor, handle) -> torch.Tensor:
+        """Expert-side rows [M, ...] -> this rank's own rows [N*k, ...] in (token, slot) order."""
+        order, unperm, send_splits, recv_splits = handle
+        mine = all_to_all(rows[unperm], send_splits, recv_splits, self.group)  # sorted by expert
+        return torch.empty_like(mine).index_copy_(0, order, mine)
+
+
 class ExpertParallelMoE(MoE):
-    """A MoE whose routed experts are split over the ranks of `ep_mesh` (see the module docstring)."""
+    """A MoE whose routed experts are split over the ranks of `ep_mesh`: the model's MoE with an
+    `AllToAllDispatcher` and `ExpertSlice` weights (see the module docstring)."""
 
     @classmethod
     def from_moe(cls, moe: MoE, ep_mesh: DeviceMesh) -> "ExpertParallelMoE":
@@ -94,13 +127,14 @@ class ExpertParallelMoE(MoE):
         new = cls.__new__(cls)
         nn.Module.__init__(new)
         new.num_experts, new.top_k, new.scaling = moe.num_experts, moe.top_k, moe.scaling
-        new.limit, new.use_bias = moe.limit, moe.use_bias
+        new.limit, new.use_bias, new.expert_path = moe.limit, moe.use_bias, moe.expert_path
         new.gate = moe.gate  # the router stays replicated: every rank routes its own tokens over all experts
         new.register_buffer("router_bias", moe.router_bias)
         new.record_routing, new.last_routing = moe.record_routing, None
-        new.record_expert_stats = getattr(moe, "record_expert_stats", False)
+        new.record_expert_stats = moe.record_expert_stats
         new.ep_mesh, new.ep_size, new.ep_rank = ep_mesh, ep, rank
         new.local_experts = moe.num_experts // ep
+        new.dispatcher = AllToAllDispatcher(ep_mesh, moe.num_experts)
         for name in ("gate_proj", "up_proj", "down_proj"):
             setattr(new, name, ExpertSlice.slice_of(getattr(moe, name).weight, ep_mesh))
         return new
@@ -109,55 +143,6 @@ class ExpertParallelMoE(MoE):
     def expert_range(self) -> tuple[int, int]:
         """Global ids [lo, hi) of the experts this rank computes."""
         return self.ep_rank * self.local_experts, (self.ep_rank + 1) * self.local_experts
-
-    def _experts(self, rows: torch.Tensor, counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """rows [M, H] grouped by local expert, counts [E/ep] -> (expert outputs [M, H] (unweighted),
-        SwiGLU activations [M, inter])."""
-        offsets = torch.cumsum(counts, 0).to(torch.int32)
-        hidden = swiglu(self.gate_proj(rows, counts, offsets), self.up_proj(rows, counts, offsets), self.limit)
-        return self.down_proj(hidden, counts, offsets), hidden
-
-    @torch.no_grad()
-    def _expert_stats(self, out_grouped, hidden, unperm, send_splits, recv_splits, expert_of_row) -> dict:
-        """The single-device MoE's `expert_stats` for this rank's own rows: per-row output norm and
-        activation mean square are computed where the expert ran and sent back with the rows."""
-        row_stats = torch.stack([out_grouped.float().norm(dim=-1), hidden.float().pow(2).mean(-1)], 1)[unperm]
-        mine = all_to_all(row_stats, send_splits, recv_splits, self.ep_mesh.get_group())  # [N*k, 2]
-        zeros = torch.zeros(self.num_experts, dtype=torch.float32, device=mine.device)
-        return {"out_norm_sum": zeros.index_add(0, expert_of_row, mine[:, 0]),
-                "act_sq_sum": zeros.index_add(0, expert_of_row, mine[:, 1])}
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shape = x.shape
-        x = x.reshape(-1, shape[-1])  # [N, H]
-        probs, topk_w, topk_idx = self.route(x)
-        # counts: rows this rank sends per expert
-        flat_idx, order, token_of_row, counts = sort_by_expert(topk_idx, self.num_experts)
-        rows = x[token_of_row]  # [N*k, H], grouped by expert, hence by destination rank
-
-        group, ep, per = self.ep_mesh.get_group(), self.ep_size, self.local_experts
-        # Split sizes first: recv[s, e] = rows rank s sends to my local expert e.
-        recv = torch.empty_like(counts)
-        dist.all_to_all_single(recv, counts, group=group)
-        recv = recv.view(ep, per)  # [ep, E/ep]
-        send_splits = counts.view(ep, per).sum(1).tolist()
-        recv_splits = recv.sum(1).tolist()
-        received = all_to_all(rows, recv_splits, send_splits, group)  # [M, H], by source rank then expert
-        # Regroup by local expert (stable, so rows of one expert keep their source order).
-        expert_of_row = torch.repeat_interleave(torch.arange(per, device=x.device).repeat(ep), recv.reshape(-1))
-        perm = torch.argsort(expert_of_row, stable=True)  # [M]
-        unperm = torch.empty_like(perm)
-        unperm[perm] = torch.arange(perm.numel(), device=perm.device)
-        out_grouped, hidden = self._experts(received[perm], recv.sum(0))
-        out_rows = all_to_all(out_grouped[unperm], send_splits, recv_splits, group)  # [N*k, H], my rows, sorted
-        if self.record_routing:
-            self.last_routing = {"probs": probs, "topk_idx": topk_idx, "counts": counts}
-            if self.record_expert_stats:
-                self.last_routing.update(self._expert_stats(out_grouped, hidden, unperm, send_splits, recv_splits,
-                                                            flat_idx[order]))
-        out_rows = out_rows * topk_w.reshape(-1)[order, None].to(out_rows.dtype)
-        out = torch.zeros_like(x).index_add_(0, token_of_row, out_rows)
-        return out.reshape(shape)
 
 
 def apply_expert_parallel(model: nn.Module, ep_mesh: DeviceMesh) -> int:

@@ -1,7 +1,8 @@
-"""Inference: KV cache (full + sliding ring), sampling, the batched engine and MTP speculative decoding.
+"""Inference: KV cache (full + sliding ring), sampling, the batched engine, MTP speculative decoding and
+the compiled decode step.
 
     from stepflash.inference import Engine, SamplingParams
-    results = Engine(model).generate([[1, 2, 3]], max_new_tokens=32, speculative_tokens=3)
+    results = Engine(model, compile=True).generate([[1, 2, 3]], max_new_tokens=32, speculative_tokens=3)
 """
 
 from stepflash.inference.engine import Engine, GenerationResult, SamplingParams, StepOutput

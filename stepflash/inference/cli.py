@@ -31,6 +31,8 @@ class GenerateArgs:
     seed: int | None = field(default=None, metadata={"help": "random seed for sampling"})
     mtp: int = field(default=0, metadata={"help": "draft tokens per step from the MTP modules (0 = off, up to 3)"})
     device: str = field(default="cpu", metadata={"help": "cpu or cuda"})
+    compile: bool = field(default=False, metadata={"help": "decode with torch.compile (a first run compiles for a "
+                                                           "minute or more; later runs reuse ~/.cache/stepflash)"})
     dtype: str | None = field(default=None, metadata={"help": "float32, bfloat16 or float16 (default: as stored)"})
 
 
@@ -69,7 +71,9 @@ def run(args: GenerateArgs) -> int:
     tokenizer = _tokenizer(args.checkpoint, required=args.prompt is not None)
     ids = _prompt_ids(args, tokenizer)
     model = load_model(args.checkpoint, dtype=_DTYPES.get(args.dtype), device=args.device)
-    engine = Engine(model, max_batch_size=1)
+    engine = Engine(model, max_batch_size=1, compile=args.compile)
+    if engine.compile_note:
+        print(engine.compile_note)
     (result,) = engine.generate([ids], args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                                 top_k=args.top_k, seed=args.seed, speculative_tokens=args.mtp)
     if tokenizer is not None:
@@ -79,5 +83,6 @@ def run(args: GenerateArgs) -> int:
     s = result.stats
     print(f"[{len(ids)} prompt + {len(result.token_ids)} new tokens, finish={result.finish_reason}] "
           f"prefill {s['prefill_tokens_per_s']:.1f} tok/s | decode {s['decode_tokens_per_s']:.1f} tok/s | "
-          f"mean accepted {s['mean_accepted']:.2f} (+1 per step)")
+          f"mean accepted {s['mean_accepted']:.2f} (+1 per step)"
+          + (f" | compiled in {engine.compile_seconds:.1f} s" if engine.compiled else ""))
     return 0

@@ -10,7 +10,9 @@ Each `step` first prefills newly admitted requests (their first token comes out 
 runs one decode forward over every request that was already running. A decode forward feeds each row
 its newest token followed by its drafts (none for plain decoding), so plain and speculative requests
 share one trunk forward; rows are padded to the longest (see `kv_cache.py`). After every trunk forward
-the speculative rows draft their next tokens with the MTP chain (`speculative.py`).
+the speculative rows draft their next tokens with the MTP chain, as many as pay (`speculative.py`).
+Everything runs the model's own modules; `compile=True` runs decode steps through `torch.compile`
+with static shapes (`compile.py`, docs/inference.md).
 
 Generated tokens include the stop token that ended a request (finish_reason "stop"); logprobs are
 those of the distribution each token was drawn from (after temperature/top-k/top-p; for greedy, the
@@ -20,6 +22,7 @@ log-softmax of the raw logits).
 from __future__ import annotations
 
 import itertools
+import logging
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -27,13 +30,15 @@ from dataclasses import dataclass, field
 import torch
 
 from stepflash.errors import UserError
-from stepflash.inference.kv_cache import TRUNK, KVCache
+from stepflash.inference.compile import CompiledDecode, bucket_of, compiler_missing
+from stepflash.inference.kv_cache import TRUNK, KVCache, mtp_group
 from stepflash.inference.sampling import row_params, target_probs, token_logprobs, uniforms
-from stepflash.inference.runner import LeanRunner
 from stepflash.inference.scheduler import Request, SamplingParams, Scheduler
-from stepflash.inference.speculative import DraftRow, MTPDrafter, verify
+from stepflash.inference.speculative import DraftPolicy, DraftRow, MTPDrafter, verify, verify_greedy
 
 __all__ = ["Engine", "GenerationResult", "SamplingParams", "StepOutput"]
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -54,10 +59,14 @@ class GenerationResult:
 
 
 class Engine:
-    def __init__(self, model, max_batch_size: int = 8, device=None, *, cache_slack: int = 8, lean: bool | None = None):
-        """lean: run forwards with `LeanRunner` (default on CPU) instead of the model's modules. The engine
-        keeps references to the model's parameters: in-place updates (optimizer steps, load_state_dict)
-        are seen by the next step; replacing Parameter objects needs a new Engine."""
+    def __init__(self, model, max_batch_size: int = 8, device=None, *, cache_slack: int = 8, cache_capacity: int = 256,
+                 compile: bool = False, adaptive_drafts: bool = True):
+        """The engine runs the model's own modules and keeps references to its parameters: in-place
+        updates (optimizer steps, load_state_dict) are seen by the next step; replacing Parameter
+        objects needs a new Engine. compile: run decode steps through `torch.compile` (`compile.py`);
+        without a compiler the engine stays eager and `compile_note` says why. adaptive_drafts: a
+        speculative request drafts up to its `speculative_tokens`, as many as pay (`DraftPolicy`);
+        False drafts exactly that many every step (to measure acceptance at a fixed k)."""
         if device is not None:
             model = model.to(device)
         self.model = model.eval()
@@ -67,13 +76,30 @@ class Engine:
         self.max_batch_size = max_batch_size
         self.context = cfg.max_position_embeddings
         self.eos = frozenset(cfg.eos_token_ids)
-        runner = LeanRunner(model) if (self.device.type == "cpu" if lean is None else lean) else None
-        self._trunk = runner.trunk if runner else model.trunk
         with torch.inference_mode():
-            self.cache = KVCache(cfg, max_batch_size, device=self.device, dtype=self.dtype, slack=cache_slack)
-            self.drafter = MTPDrafter(model, self.cache, max_batch_size, self.device, self.dtype, runner)
+            self.cache = KVCache(cfg, max_batch_size, device=self.device, dtype=self.dtype, slack=cache_slack,
+                                 capacity=cache_capacity)
+            self.drafter = MTPDrafter(model, self.cache, max_batch_size, self.device, self.dtype)
+        n = cfg.num_nextn_predict_layers
+        skip = all(self.cache.can_skip(mtp_group(j)) for j in range(n))
+        self.policy = DraftPolicy(n, self.drafter.S, can_skip=skip) if adaptive_drafts else None
         self.scheduler = Scheduler(max_batch_size)
         self._ids = itertools.count()
+        self.compiled: CompiledDecode | None = None
+        self.compile_note: str | None = None
+        if compile:
+            missing = compiler_missing(self.device)
+            if missing:
+                self.compile_note = f"compile: {missing}; decoding eager"
+                log.warning(self.compile_note)
+            else:
+                self.compiled = CompiledDecode(model, self.cache, self.drafter.history, max_batch_size,
+                                               1 + cfg.num_nextn_predict_layers)
+
+    @property
+    def compile_seconds(self) -> float:
+        """Time spent compiling so far (0 when eager)."""
+        return self.compiled.compile_seconds if self.compiled else 0.0
 
     # ---- public API -------------------------------------------------------------------------
     def add_request(self, prompt_ids: list[int], params: SamplingParams | None = None) -> int:
@@ -165,25 +191,12 @@ class Engine:
 
     def _forward(self, reqs: list[Request], prefill: bool) -> list[StepOutput]:
         """One trunk forward over the slot range of `reqs`, then acceptance, emission and drafting."""
-        lo, hi = reqs[0].slot, reqs[-1].slot + 1
         t0 = time.perf_counter()
-        feed = {r.slot - lo: (r.prompt if prefill else [r.tokens[-1]] + r.drafts) for r in reqs}
-        T = max(len(f) for f in feed.values())
-        ids = torch.zeros(hi - lo, T, dtype=torch.long)  # rows right-padded; idle rows all padding
-        for i, f in feed.items():
-            ids[i, : len(f)] = torch.tensor(f, dtype=torch.long)
+        feeds = [r.prompt if prefill else [r.tokens[-1]] + r.drafts for r in reqs]
         if prefill:
             for r in reqs:
                 self.cache.reset(r.slot)
-        starts = self.cache.lengths[TRUNK][lo:hi]
-        pos = self.cache.begin(TRUNK, lo, hi, T, [len(feed.get(i, ())) for i in range(hi - lo)])
-        h = self._trunk(ids.to(self.device), pos, self.cache)  # [b, T, hidden]
-        rows = torch.tensor([r.slot - lo for r in reqs], device=self.device)
-        if prefill:  # only the last prompt token predicts something new
-            last = torch.tensor([len(r.prompt) - 1 for r in reqs], device=self.device)
-            logits = self.model.head(h[rows, last])[:, None]  # [n, 1, V]
-        else:  # the newest token and every draft
-            logits = self.model.head(h[rows])  # [n, T, V]
+        lo, hi, starts, h, logits, compiled = self._trunk_forward(reqs, feeds, prefill)
         accepted, emitted, logprobs = self._decide(reqs, logits, [] if prefill else [len(r.drafts) for r in reqs])
         now = time.perf_counter()
         outputs, draft_rows = [], []
@@ -192,21 +205,71 @@ class Engine:
             # Keep the newest token and the accepted drafts in the trunk cache, drop the rejected ones.
             self.cache.truncate(TRUNK, r.slot, start + (len(r.prompt) if prefill else 1 + a))
             if prefill:
-                r.prefill_rate, r.t_first = sum(len(f) for f in feed.values()) / (now - t0), now
+                r.prefill_rate, r.t_first = sum(map(len, feeds)) / (now - t0), now
             elif r.drafts:
                 r.verify_steps += 1
                 r.accepted += a
                 for j in range(len(r.drafts)):
                     r.pos_tried[j] += 1
                     r.pos_accepted[j] += j < a
+                if self.policy:
+                    self.policy.observe_verify(r, len(r.drafts), a)
             outputs.append(self._emit(r, toks[: a + 1], lps[: a + 1], now))
-            want = 0 if r.finished else min(r.params.speculative_tokens, r.remaining - 1)
+            want = 0 if r.finished else self._draft_count(r, len(reqs))
             if want > 0:
                 draft_rows.append(DraftRow(r.slot - lo, r.slot, want, start, self.cache.lengths[TRUNK][r.slot],
                                            r.tokens, r.params, r.generator, r.drafts))
+        t1 = time.perf_counter()
+        if not prefill and self.policy:
+            self.policy.observe("verify", len(reqs), max(map(len, feeds)) - 1, t1 - t0)
         if draft_rows:
-            self.drafter.draft(lo, hi, draft_rows, h)
+            regular = self.drafter.draft(lo, hi, draft_rows, h, compiled)
+            if not prefill and self.policy and regular:  # catch-up passes are not what drafting costs
+                self.policy.observe("draft", len(reqs), max(r.k for r in draft_rows), time.perf_counter() - t1)
         return outputs
+
+    def _trunk_forward(self, reqs: list[Request], feeds: list[list[int]], prefill: bool):
+        """Feed each row its tokens -> (lo, hi, lengths before, h [b, T, hidden], logits [n, T or 1, V] of
+        the rows of `reqs`, the CompiledDecode used or None). A compiled decode step covers the static
+        slot range [0, B) and T from their buckets (compile.py)."""
+        compiled = None if prefill else self.compiled
+        if compiled:
+            lo, hi = 0, bucket_of(reqs[-1].slot + 1, compiled.batch_buckets)
+            T = bucket_of(max(map(len, feeds)), compiled.token_buckets)
+            compiled = compiled if compiled.covers(hi, T) else None
+        if not compiled:
+            lo, hi, T = reqs[0].slot, reqs[-1].slot + 1, max(map(len, feeds))
+        feed = {r.slot - lo: f for r, f in zip(reqs, feeds)}
+        ids = torch.zeros(hi - lo, T, dtype=torch.long)  # rows right-padded; idle rows all padding
+        for i, f in feed.items():
+            ids[i, : len(f)] = torch.tensor(f, dtype=torch.long)
+        starts = self.cache.lengths[TRUNK][lo:hi]
+        valid = [len(feed.get(i, ())) for i in range(hi - lo)]
+        rows = torch.tensor([r.slot - lo for r in reqs], device=self.device)
+        if compiled:  # the newest token and every draft
+            self.cache.reserve(TRUNK, lo, hi, T, valid)
+            h, logits = compiled.trunk(ids.to(self.device))  # [B, T, hidden], [B, T, V]
+            logits = logits[rows]
+        else:
+            pos = self.cache.begin(TRUNK, lo, hi, T, valid)
+            h = self.model.trunk(ids.to(self.device), pos, self.cache)  # [b, T, hidden]
+            if prefill:  # only the last prompt token predicts something new
+                last = torch.tensor([len(r.prompt) - 1 for r in reqs], device=self.device)
+                logits = self.model.head(h[rows, last])[:, None]  # [n, 1, V]
+            else:
+                logits = self.model.head(h[rows])  # [n, T, V]
+        if not compiled and any(r.params.speculative_tokens for r in reqs):  # module 0's inputs, for catching up
+            self.drafter.record(0, lo, starts, valid, h)
+        return lo, hi, starts, h, logits, compiled
+
+    def _draft_count(self, r: Request, rows: int) -> int:
+        limit = min(r.params.speculative_tokens, r.remaining - 1)
+        if limit <= 0 or not self.policy:
+            return max(limit, 0)
+        n = self.cache.lengths[TRUNK][r.slot]
+        lags = [n - self.cache.lengths[mtp_group(j)][r.slot] for j in range(limit)]
+        self.policy.rows = rows
+        return self.policy.choose(r, limit, lags)
 
     def _decide(self, reqs: list[Request], logits: torch.Tensor, k: list[int]):
         """logits [n, K+1, V] at the verified positions, k[i] drafts of row i (none at prefill) ->
@@ -215,13 +278,18 @@ class Engine:
         n, Tv, V = logits.shape
         K, dev = Tv - 1, self.device
         k = k or [0] * n
-        temp, top_k, top_p = (t.repeat_interleave(Tv) for t in row_params([r.params for r in reqs], dev))
-        p = target_probs(logits.reshape(n * Tv, V), temp, top_k, top_p).reshape(n, Tv, V)
         drafts = torch.zeros(n, K, dtype=torch.long)
         for i, r in enumerate(reqs):
             if k[i]:
                 drafts[i, : k[i]] = torch.tensor(r.drafts)
         drafts = drafts.to(dev)
+        if all(r.params.temperature <= 0 for r in reqs):  # greedy rows only: no distributions needed
+            best = logits.float().argmax(-1)  # [n, K+1]
+            a = verify_greedy(best, drafts, torch.tensor(k, device=dev))
+            lp = torch.log_softmax(logits.float(), -1).gather(-1, best[..., None]).squeeze(-1)
+            return a.tolist(), best.tolist(), lp.tolist()
+        temp, top_k, top_p = (t.repeat_interleave(Tv) for t in row_params([r.params for r in reqs], dev))
+        p = target_probs(logits.reshape(n * Tv, V), temp, top_k, top_p).reshape(n, Tv, V)
         u = uniforms([r.generator for r in reqs], [ki + 1 for ki in k], K + 1, dev)  # k accept tests + 1 draw
         k_t = torch.tensor(k, device=dev)
         slots = torch.tensor([r.slot for r in reqs], device=dev)

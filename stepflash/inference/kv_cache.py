@@ -13,7 +13,8 @@ then only scatters k/v and returns views. `truncate` rolls rows back, e.g. after
 Storage, per layer, `[slots, kv_heads, columns, head_dim]` with column 0 a trash column: padding
 tokens write there and padding queries attend only to it, so they never touch real entries and never
 see an empty (NaN-producing) key set.
-- full layer: position p lives in column p + 1; columns grow by doubling (never per step).
+- full layer: position p lives in column p + 1; columns grow by doubling (never per step), and
+  attention reads all of them (the mask hides the unwritten ones), so shapes change only on growth.
 - sliding layer: a ring of R = window + slack columns (+ trash); position p lives in 1 + p % R. The
   slack makes rollback exact after the ring wrapped: rolling back d <= slack tokens still leaves the
   window before the new end in the ring, and a chunk of T <= slack + 1 tokens can be written before
@@ -40,17 +41,20 @@ def mtp_group(j: int) -> int:
 
 @dataclass
 class _Plan:
-    """What one `begin` decided for the layers of its group; read by every `update` of that forward."""
+    """What one `begin` decided for the layers of its group; read by every `update` of that forward.
+    `reserve` fills the host part, `plan_tensors` the tensors (inside a compiled step, if there is one)."""
     group: int
     lo: int
     hi: int
-    rows: torch.Tensor  # [b, 1] row index within the slice, for advanced indexing
+    T: int
+    start: torch.Tensor  # [b, 1] each row's length before this forward
+    valid: torch.Tensor  # [b, 1] real tokens of each row
+    ring_concat: bool  # a chunk longer than the ring slack (prefill): attend to [old ring | new keys]
+    rows: torch.Tensor | None = None  # [b, 1] slot of each row, for advanced indexing into the whole buffers
     full_cols: torch.Tensor | None = None  # [b, T] write column per token (0 = trash)
-    full_keys: int = 0  # columns returned to attention
-    full_mask: torch.Tensor | None = None  # [b, 1, T, full_keys]
+    full_mask: torch.Tensor | None = None  # [b, 1, T, 1 + capacity]
     ring_cols: torch.Tensor | None = None  # [b, T]
     ring_mask: torch.Tensor | None = None  # [b, 1, T, R+1] or [b, 1, T, R+1+T] when concatenating
-    ring_concat: bool = False
 
 
 class KVCache:
@@ -78,7 +82,7 @@ class KVCache:
         self.slot_pos = [torch.full((max_batch_size, self.ring + 1), -1, dtype=torch.long, device=self.device)
                          for _ in range(self.num_groups)]
         self._kinds = set(zip(self.group_of, self.sliding))  # (group, is_sliding) pairs that exist
-        self._plan: _Plan | None = None
+        self._plans: dict[int, _Plan] = {}  # group -> the plan of its forward in progress
 
     # ---- bookkeeping --------------------------------------------------------------------------
     def reset(self, slot: int) -> None:
@@ -111,31 +115,42 @@ class KVCache:
         """Announce a forward of T tokens per row over slots [lo, hi); returns position ids [b, T].
 
         Row r's first valid[r] tokens are real, the rest padding; lengths advance by valid[r]."""
+        self.reserve(group, lo, hi, T, valid)
+        return self.plan_tensors(group)
+
+    def reserve(self, group: int, lo: int, hi: int, T: int, valid: list[int] | None = None) -> None:
+        """The host half of `begin`: lengths, buffer growth and the plan's inputs (no tensor math)."""
         b = hi - lo
         valid = [T] * b if valid is None else list(valid)
         assert len(valid) == b and all(0 <= v <= T for v in valid)
         starts = self.lengths[group][lo:hi]
-        dev = self.device
-        start_t = torch.tensor(starts, device=dev)[:, None]  # [b, 1]
-        valid_t = torch.tensor(valid, device=dev)[:, None]  # [b, 1]
-        t = torch.arange(T, device=dev)[None, :]  # [1, T]
-        pos = start_t + t  # [b, T]
-        real = t < valid_t  # [b, T] real (non-padding) tokens
-        plan = _Plan(group, lo, hi, torch.arange(b, device=dev)[:, None])
         ends = [s + v for s, v in zip(starts, valid)]
         if self._group_has(group, sliding=False):
             self._grow(max(ends))
-            keys = 1 + max(max(ends), 1)
+        for r, e in enumerate(ends):
+            self.lengths[group][lo + r] = e
+        both = torch.tensor([starts, valid], device=self.device)[:, :, None]  # [2, b, 1]
+        self._plans[group] = _Plan(group, lo, hi, T, both[0], both[1], T > self.slack + 1)
+
+    def plan_tensors(self, group: int) -> torch.Tensor:
+        """The tensor half of `begin`: write columns and masks of the group's reserved forward, and the
+        ring's position table; returns position ids [b, T]. Pure tensor code, so a compiled step includes
+        it. (Groups are planned independently: one compiled step may run several MTP modules.)"""
+        plan, dev = self._plans[group], self.device
+        t = torch.arange(plan.T, device=dev)[None, :]  # [1, T]
+        pos = plan.start + t  # [b, T]
+        real = t < plan.valid  # [b, T] real (non-padding) tokens
+        plan.rows = torch.arange(plan.lo, plan.hi, device=dev)[:, None]
+        if self._group_has(plan.group, sliding=False):
+            # Attention sees every column (masked past each row's end): the key count changes only when
+            # the buffers grow, not every step, which is what a compiled decode step needs.
+            keys = self.k[self.sliding.index(False)].shape[2]  # 1 + capacity
             plan.full_cols = torch.where(real, pos + 1, 0)
             kpos = torch.arange(keys, device=dev) - 1  # [S] position held by each column, trash = -1
             see = (kpos >= 0) & (kpos[None, None, :] <= pos[:, :, None])  # [b, T, S]
             plan.full_mask = self._pad_queries(see, real)
-            plan.full_keys = keys
-        if self._group_has(group, sliding=True):
-            self._plan_ring(plan, pos, real, valid_t, T)
-        for r, e in enumerate(ends):
-            self.lengths[group][lo + r] = e
-        self._plan = plan
+        if self._group_has(plan.group, sliding=True):
+            self._plan_ring(plan, pos, real)
         return pos
 
     def _pad_queries(self, see: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
@@ -144,18 +159,17 @@ class KVCache:
         trash_only[0] = True
         return torch.where(real[:, :, None], see, trash_only)[:, None]
 
-    def _plan_ring(self, plan: _Plan, pos, real, valid_t, T: int) -> None:
-        R, W = self.ring, self.window
+    def _plan_ring(self, plan: _Plan, pos, real) -> None:
+        R, W, T = self.ring, self.window, plan.T
         sp = self.slot_pos[plan.group][plan.lo: plan.hi]  # [b, R+1] view
         q = pos[:, :, None]  # [b, T, 1]
-        if T <= self.slack + 1:
+        if not plan.ring_concat:
             # Write first, then attend over the ring: the chunk evicts nothing its own queries need.
             cols = torch.where(real, 1 + pos % R, 0)  # [b, T]
             sp.scatter_(1, cols, torch.where(real, pos, -1))
             sp[:, 0] = -1
             kp = sp[:, None, :]  # [b, 1, R+1]
             see = (kp >= 0) & (kp <= q) & (kp > q - W)
-            plan.ring_concat = False
         else:
             # Long chunk: attend to [old ring | new keys]; then keep the last R real keys of each row.
             kp_old = sp[:, None, :]
@@ -163,35 +177,31 @@ class KVCache:
             kp_new = torch.where(real, pos, -1)[:, None, :]  # [b, 1, T]
             see_new = (kp_new >= 0) & (kp_new <= q) & (kp_new > q - W)  # [b, T, T]
             see = torch.cat([see_old, see_new], dim=-1)
-            keep = real & (torch.arange(T, device=pos.device)[None, :] >= valid_t - R)
+            keep = real & (torch.arange(T, device=pos.device)[None, :] >= plan.valid - R)
             cols = torch.where(keep, 1 + pos % R, 0)
             sp.scatter_(1, cols, torch.where(keep, pos, -1))
             sp[:, 0] = -1
-            plan.ring_concat = True
         plan.ring_cols = cols
         plan.ring_mask = self._pad_queries(see, real)
 
     def update(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor):
         """k, v [b, kv_heads, T, head_dim] of this step -> (keys, values, mask) for attention."""
-        plan = self._plan
-        assert plan is not None and self.group_of[layer_idx] == plan.group, \
-            f"layer {layer_idx} written outside a begin() of its group"
-        kb, vb = self.k[layer_idx][plan.lo: plan.hi], self.v[layer_idx][plan.lo: plan.hi]
-        k, v = k.to(kb.dtype), v.to(vb.dtype)
-        k_tok, v_tok = k.transpose(1, 2), v.transpose(1, 2)  # [b, T, kv_heads, D]: layout of kb[rows, :, cols]
-        if not self.sliding[layer_idx]:
-            kb[plan.rows, :, plan.full_cols] = k_tok
-            vb[plan.rows, :, plan.full_cols] = v_tok
-            n = plan.full_keys
-            return kb[:, :, :n], vb[:, :, :n], plan.full_mask
-        if plan.ring_concat:
-            keys, values = torch.cat([kb, k], dim=2), torch.cat([vb, v], dim=2)  # prefill only
-            kb[plan.rows, :, plan.ring_cols] = k_tok
-            vb[plan.rows, :, plan.ring_cols] = v_tok
+        plan = self._plans.get(self.group_of[layer_idx])
+        assert plan is not None and plan.rows is not None, f"layer {layer_idx} written outside a begin() of its group"
+        kbuf, vbuf = self.k[layer_idx], self.v[layer_idx]
+        k, v = k.to(kbuf.dtype), v.to(vbuf.dtype)
+        k_tok, v_tok = k.transpose(1, 2), v.transpose(1, 2)  # [b, T, kv_heads, D]: layout of kbuf[rows, :, cols]
+        cols = plan.ring_cols if self.sliding[layer_idx] else plan.full_cols
+        # Written into the whole buffer (not a slice view of it), so a compiled step scatters in place.
+        kb, vb = kbuf[plan.lo: plan.hi], vbuf[plan.lo: plan.hi]
+        if self.sliding[layer_idx] and plan.ring_concat:  # prefill only: old ring + new keys
+            keys, values = torch.cat([kb, k], dim=2), torch.cat([vb, v], dim=2)
+            kbuf[plan.rows, :, cols] = k_tok
+            vbuf[plan.rows, :, cols] = v_tok
             return keys, values, plan.ring_mask
-        kb[plan.rows, :, plan.ring_cols] = k_tok
-        vb[plan.rows, :, plan.ring_cols] = v_tok
-        return kb, vb, plan.ring_mask
+        kbuf[plan.rows, :, cols] = k_tok
+        vbuf[plan.rows, :, cols] = v_tok
+        return kb, vb, plan.ring_mask if self.sliding[layer_idx] else plan.full_mask
 
     def truncate(self, group: int, slot: int, length: int) -> None:
         """Roll one row of a group back to `length` tokens (drop rejected drafts)."""
@@ -205,6 +215,16 @@ class KVCache:
                 f"rollback of {old - length} tokens exceeds the ring slack {self.slack}"
             sp = self.slot_pos[group][slot]
             sp.masked_fill_(sp >= length, -1)
+        self.lengths[group][slot] = length
+
+    def can_skip(self, group: int) -> bool:
+        """Whether `skip` is allowed: only ring (sliding) layers, whose masks read recorded positions."""
+        return not self._group_has(group, sliding=False)
+
+    def skip(self, group: int, slot: int, length: int) -> None:
+        """Move one row of a sliding-only group forward to `length` without writing the positions in
+        between: later queries simply see no keys there (an MTP module that sat out too long)."""
+        assert self.can_skip(group) and length >= self.lengths[group][slot]
         self.lengths[group][slot] = length
 
     def nbytes(self) -> int:

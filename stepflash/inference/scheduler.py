@@ -62,6 +62,12 @@ class Request:
     accepted: int = 0
     pos_tried: list[int] = field(default_factory=list)
     pos_accepted: list[int] = field(default_factory=list)
+    # drafting policy state (`speculative.DraftPolicy`): acceptance estimate per draft position, steps
+    # since the last draft, the probe interval multiplier, whether the pending drafts are a probe
+    accept_rate: list[float] = field(default_factory=list)
+    since_draft: int = 0
+    probe_backoff: int = 1
+    probing: bool = False
 
     def __post_init__(self):
         self.tokens = list(self.prompt)
@@ -70,6 +76,7 @@ class Request:
             self.generator = torch.Generator().manual_seed(seed)
         k = self.params.speculative_tokens
         self.pos_tried, self.pos_accepted = [0] * k, [0] * k
+        self.accept_rate = [1.0] * k  # optimistic: a new request drafts fully until measured
 
     @property
     def finished(self) -> bool:

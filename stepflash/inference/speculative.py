@@ -12,9 +12,14 @@ true tokens, as in the teacher-forced chain (`model.mtp_logits`). At position t 
 which is known only for t <= n-1-j; so each draft pass feeds module j the positions from its cache
 length c_j up to n-1 (the verified hidden states of the newly accepted tokens, as vLLM/SGLang feed
 them), drafts from the last one, then rolls its cache back to n-j entries: positions past n-1-j used
-draft tokens and are recomputed next time with the verified ones. Module j's input z(t) for t >= c_j
-comes from module j-1's outputs of this pass, except the first (t = c_j), which was module j-1's last
-committed output of the previous pass: that one vector per module and row is kept in `carry`.
+draft tokens and are recomputed next time with the verified ones. Module j's inputs for positions
+before this pass's trunk forward (or module j-1's first output of this pass) come from its history.
+
+Paying for drafts. A draft costs an MTP module pass and a wider verify step (which, in a MoE, reads
+the experts of every verified token); drafts that are rejected are pure loss. `DraftPolicy` sets each
+row's draft count from its measured acceptance and the measured step costs, down to none (with a
+probe now and then); modules that sit out steps catch up exactly from `MTPDrafter.history` (or, after
+more than its S positions, resume with a gap in their sliding window).
 
 Acceptance (Leviathan et al. / Chen et al. speculative sampling): with p the target and q the draft
 distribution (both after temperature/top-k/top-p), draft d is accepted with probability
@@ -26,29 +31,14 @@ to "accept while the draft equals the argmax, then emit the argmax": plain greed
 
 from __future__ import annotations
 
+import collections
 from dataclasses import dataclass, field
 
 import torch
 
+from stepflash.inference.compile import bucket_of
 from stepflash.inference.kv_cache import KVCache, mtp_group
 from stepflash.inference.sampling import row_params, sample, target_probs, uniforms
-from stepflash.model.transformer import DecoderLayer
-
-
-def mtp_block(model, j: int, next_ids: torch.Tensor, h_prev: torch.Tensor, position_ids: torch.Tensor,
-              kv_cache=None) -> torch.Tensor:
-    """`model.mtp` without its head: next_ids [B, T], h_prev [B, T, hidden] -> z [B, T, hidden].
-    Drafting needs the head at one position per row, not at every fed position."""
-    idx = model.num_layers + j
-    layer = model.model.layers[idx]
-    cos, sin = model.rotary[model.rope_of[idx]](position_ids, h_prev.dtype)
-    z = layer.eh_proj(torch.cat([layer.enorm(model.model.embed_tokens(next_ids)), layer.hnorm(h_prev)], dim=-1))
-    return DecoderLayer.forward(layer, z, cos, sin, kv_cache)
-
-
-def mtp_head(model, j: int, z: torch.Tensor) -> torch.Tensor:
-    head = model.model.layers[model.num_layers + j].transformer.shared_head
-    return head.output(head.norm(z))
 
 
 @dataclass
@@ -57,7 +47,7 @@ class DraftRow:
     row: int  # index within the forward's slot range
     slot: int
     k: int  # number of drafts wanted (>= 1)
-    n_prev: int  # trunk length before that forward
+    n_prev: int  # trunk length before that forward (its first fed position)
     n: int  # trunk length after it; tokens[n] is the newest token
     tokens: list[int]  # x_0 .. x_n
     params: object  # SamplingParams
@@ -66,79 +56,236 @@ class DraftRow:
 
 
 class MTPDrafter:
-    """Per-slot drafting state: the carried z of each module and the draft distributions q."""
+    """Per-slot drafting state: each module's input history and the draft distributions q.
 
-    def __init__(self, model, cache: KVCache, max_batch_size: int, device, dtype, runner=None):
+    `history[j]` [slots, S + 1, hidden] holds module j's inputs (trunk hidden states for j = 0, module
+    j-1's outputs otherwise) for the last S positions, at column position % S (column S is a trash
+    column for writes nobody reads). Module j's inputs for a pass are the history from its cache length
+    up to where this pass's direct source (the trunk forward's h, or module j-1's outputs of this pass)
+    starts, then that source: so a module that sat out some steps catches up exactly."""
+
+    def __init__(self, model, cache: KVCache, max_batch_size: int, device, dtype, history: int = 64):
         cfg = model.config
-        self.block = runner.mtp_block if runner is not None else (
-            lambda j, ids, h, pos, c: mtp_block(model, j, ids, h, pos, c))
         self.model, self.cache = model, cache
         self.num_modules = cfg.num_nextn_predict_layers
-        self.carry = torch.zeros(max_batch_size, self.num_modules, cfg.hidden_size, device=device, dtype=dtype)
+        self.S = history
+        self.history = [torch.zeros(max_batch_size, history + 1, cfg.hidden_size, device=device, dtype=dtype)
+                        for _ in range(max(1, self.num_modules))]
         self.q = torch.zeros(max_batch_size, max(1, self.num_modules), cfg.vocab_size, device=device)
         self.device = device
         self.trace: list[dict] | None = None  # tests set a list to record every draft's logits
         # Optional (row, module j, drafted token) -> token replacing the draft (tests force acceptance with it).
         self.draft_hook = None
 
-    def draft(self, lo: int, hi: int, rows: list[DraftRow], h: torch.Tensor) -> None:
+    def record(self, level: int, lo: int, first: list[int], count: list[int], x: torch.Tensor) -> None:
+        """Keep x [b, T, hidden] (row r: positions first[r] .. first[r] + count[r] - 1 of slot lo + r)
+        in history level `level`; only each row's last S positions are written."""
+        b, T = x.shape[:2]
+        dev = self.device
+        t = torch.arange(T, device=dev)[None, :]
+        first_t, count_t = (torch.tensor(v, device=dev)[:, None] for v in (first, count))
+        keep = (t < count_t) & (t >= count_t - self.S)
+        cols = torch.where(keep, (first_t + t) % self.S, self.S)  # [b, T]
+        rows = torch.arange(lo, lo + b, device=dev)[:, None]
+        self.history[level][rows, cols] = x.to(self.history[level].dtype)
+
+    def _input_index(self, starts: list[int], M: int, direct_first: list[int], width: int) -> torch.Tensor:
+        """Where module inputs come from: [b, M] indices into cat(history level [b, S+1], direct [b, D])
+        for positions starts[r] .. + M - 1 (before direct_first[r]: the history; then the direct source)."""
+        dev = self.device
+        t = torch.tensor(starts, device=dev)[:, None] + torch.arange(M, device=dev)[None, :]  # [b, M] positions
+        f = torch.tensor(direct_first, device=dev)[:, None]
+        return torch.where(t < f, t % self.S, self.S + 1 + (t - f)).clamp(max=width - 1)
+
+    def _inputs(self, j: int, lo: int, hi: int, starts: list[int], lens: list[int], direct: torch.Tensor,
+                direct_first: list[int], M: int) -> torch.Tensor:
+        """Module j's inputs [b, M, hidden]: row r's positions starts[r] .. + lens[r] - 1, from the history
+        before direct_first[r] and from `direct` [b, D, hidden] (whose column 0 is position direct_first[r])."""
+        for s, n, f in zip(starts, lens, direct_first):
+            assert not n or f - s <= self.S, f"MTP module {j} is {f - s} positions behind, more than its history"
+        src = torch.cat([self.history[j][lo:hi], direct.to(self.history[j].dtype)], dim=1)  # [b, S+1+D, hidden]
+        idx = self._input_index(starts, M, direct_first, src.shape[1])
+        return src.gather(1, idx[:, :, None].expand(*idx.shape, src.shape[-1])).to(direct.dtype)
+
+    def draft(self, lo: int, hi: int, rows: list[DraftRow], h: torch.Tensor, compiled=None) -> bool:
         """Run the chain for `rows` of the slot range [lo, hi); h [b, T, hidden] is the trunk output of
-        the forward that produced tokens[n_prev+1 .. n] (row r's first n - n_prev entries are real).
-        Fills each row's `drafts` and `self.q[slot, :k]`."""
+        the forward that fed positions n_prev .. (row r's first n - n_prev entries are real).
+        Fills each row's `drafts` and `self.q[slot, :k]`. compiled: the engine's `CompiledDecode`
+        (a decode step over its static slot range), or None for the model's modules run eagerly.
+        Returns False when a module had to catch up on positions it sat out (a slower pass than usual)."""
+        if compiled and self._draft_fused(lo, hi, rows, h, compiled):
+            return True
         b, dev = hi - lo, self.device
+        regular = True
         by_row = {r.row: r for r in rows}
         u = uniforms([by_row[i].generator if i in by_row else None for i in range(b)],
                      [by_row[i].k if i in by_row else 0 for i in range(b)], max(r.k for r in rows), dev)
-        z_prev, starts_prev, carry_prev = None, None, None
+        direct, direct_first = h, [by_row[i].n_prev if i in by_row else 0 for i in range(b)]
         for j in range(max(r.k for r in rows)):
             active = [r for r in rows if r.k > j]
             group = mtp_group(j)
             starts, lens, toks = [0] * b, [0] * b, [[] for _ in range(b)]
             for r in active:
                 c = self.cache.lengths[group][r.slot]
-                assert c == max(0, r.n_prev - j), f"MTP module {j} cache of slot {r.slot} out of step"
+                assert c <= r.n - j or c == 0, f"MTP module {j} cache of slot {r.slot} ahead of the trunk"
+                first = direct_first[r.row]
+                if first - c > self.S:  # sat out longer than its history: resume where the history starts
+                    self.cache.skip(group, r.slot, first - self.S)
+                    c = first - self.S
                 starts[r.row], lens[r.row] = c, r.n - c
-                toks[r.row] = r.tokens[max(1 + j, r.n_prev + 1): r.n + 1] + r.drafts[:j]
-                assert len(toks[r.row]) == r.n - c
+                # Module j at position t reads x[t+1+j]: a verified token, or one of this pass's drafts.
+                toks[r.row] = (r.tokens[: r.n + 1] + r.drafts[:j])[c + 1 + j: r.n + 1 + j]
             M = max(lens)
+            regular &= M <= 2 * self.num_modules + 1
+            use = compiled if compiled and M <= compiled.draft_buckets[-1] else None
+            M = bucket_of(M, use.draft_buckets) if use else M
             ids = torch.zeros(b, M, dtype=torch.long)
             for i, t in enumerate(toks):
                 ids[i, : len(t)] = torch.tensor(t, dtype=torch.long)
-            pos = self.cache.begin(group, lo, hi, M, lens)
-            if j == 0:
-                h_in = h[:, :M]
-            else:
-                # Row r's inputs are [carried z at c_j] + this pass's module j-1 outputs, or only the latter
-                # when module j starts where module j-1 did (short prompts).
-                both = torch.cat([carry_prev[:, None], z_prev], dim=1)  # [b, 1 + M_prev, hidden]
-                skip = torch.tensor([0 if starts[i] < starts_prev[i] else 1 for i in range(b)], device=dev)
-                idx = (torch.arange(M, device=dev)[None, :] + skip[:, None]).clamp(max=both.shape[1] - 1)
-                h_in = both.gather(1, idx[:, :, None].expand(b, M, both.shape[-1]))
-            z = self.block(j, ids.to(dev), h_in, pos, self.cache)  # [b, M, hidden]
+            h_in = self._inputs(j, lo, hi, starts, lens, direct, direct_first, M)
             last = torch.tensor([max(m - 1, 0) for m in lens], device=dev)
-            logits = mtp_head(self.model, j, z[torch.arange(b, device=dev), last])  # [b, vocab]
-            act = torch.tensor([r.row for r in active], device=dev)
+            if use:
+                self.cache.reserve(group, lo, hi, M, lens)
+                z, logits = use.mtp(j, ids.to(dev), h_in, last)  # [b, M, hidden], [b, vocab]
+            else:
+                pos = self.cache.begin(group, lo, hi, M, lens)
+                z = self.model.mtp_block(j, ids.to(dev), h_in, pos, self.cache)  # [b, M, hidden]
+                logits = self.model.mtp_head(j, z[torch.arange(b, device=dev), last])  # [b, vocab]
+            if j + 1 < self.num_modules:
+                self.record(j + 1, lo, starts, lens, z)
+            direct, direct_first = z, starts
+            self._take_drafts(j, group, active, logits, u, dev)
+        return regular
+
+    def _draft_fused(self, lo: int, hi: int, rows: list[DraftRow], h: torch.Tensor, compiled) -> bool:
+        """Every MTP module in one compiled call (`CompiledDecode.chain`): greedy rows, each module within
+        one step of the trunk, no test hooks. Rows wanting fewer drafts keep the first ones. False when
+        it does not apply (the caller then runs module by module)."""
+        K, M, b = self.num_modules, compiled.draft_buckets[0], hi - lo
+        if self.draft_hook or self.trace is not None or any(r.params.temperature > 0 for r in rows):
+            return False
+        starts = [[0] * b for _ in range(K)]
+        lens = [[0] * b for _ in range(K)]
+        for j in range(K):
+            for r in rows:
+                c = self.cache.lengths[mtp_group(j)][r.slot]
+                starts[j][r.row], lens[j][r.row] = c, r.n - c
+            if max(lens[j]) > M:
+                return False
+        ids = torch.zeros(K, b, M, dtype=torch.long)
+        slots = torch.full((K, b, K), M, dtype=torch.long)  # where module j puts module i's draft (M: nowhere)
+        last = torch.zeros(K, b, dtype=torch.long)
+        for j in range(K):
+            for r in rows:
+                c, L = starts[j][r.row], lens[j][r.row]
+                known = r.tokens[c + 1 + j: r.n + 1]  # module j at position t reads x[t+1+j]
+                ids[j, r.row, : len(known)] = torch.tensor(known, dtype=torch.long)
+                for i in range(j):  # module i's draft is x[n+1+i]: position index L - j + i
+                    if L - j + i >= 0:
+                        slots[j, r.row, i] = L - j + i
+                last[j, r.row] = L - 1
+        firsts = [[next((r.n_prev for r in rows if r.row == i), 0) for i in range(b)]] + starts[:-1]
+        widths = [self.S + 1 + h.shape[1]] + [self.S + 1 + M] * (K - 1)
+        idx = torch.stack([self._input_index(starts[j], M, firsts[j], widths[j]) for j in range(K)])
+        for j in range(K):
+            self.cache.reserve(mtp_group(j), lo, hi, M, lens[j])
+        dev = self.device
+        drafts, zs = compiled.chain(ids.to(dev), h, idx, last.to(dev), slots.to(dev))
+        drafts = drafts.tolist()  # [K][b]
+        for j in range(K):
+            if j + 1 < self.num_modules:
+                self.record(j + 1, lo, starts[j], lens[j], zs[j])
+        for r in rows:
+            r.drafts.extend(drafts[j][r.row] for j in range(r.k))
+            for j in range(K):
+                self.cache.truncate(mtp_group(j), r.slot, max(0, r.n - j))
+        return True
+
+    def _take_drafts(self, j: int, group: int, active: list[DraftRow], logits: torch.Tensor, u, dev) -> None:
+        act = torch.tensor([r.row for r in active], device=dev)
+        greedy = all(r.params.temperature <= 0 for r in active)
+        if greedy:  # verified by argmax (`verify_greedy`): q is not needed
+            drafts = logits[act].float().argmax(-1).tolist()
+        else:
             probs = target_probs(logits[act], *row_params([r.params for r in active], dev))
             drafts = sample(probs, u[act, j]).tolist()
-            if self.draft_hook is not None:
-                forced = [self.draft_hook(r, j, d) for r, d in zip(active, drafts)]
-                for i, (d, f) in enumerate(zip(drafts, forced)):
-                    if d != f:  # the draft now comes from a point mass, and q must say so
-                        probs[i].zero_()[f] = 1.0
-                drafts = forced
-            slots = torch.tensor([r.slot for r in active], device=dev)
-            self.q[slots, j] = probs
-            carry_prev = self.carry[lo:hi, j].clone()
-            # Module j's last committed position is n-1-j: module j+1 starts there next pass.
-            keep = torch.tensor([max(0, r.n - 1 - j - starts[r.row]) for r in active], device=dev)
-            self.carry[slots, j] = z[act, keep]
-            for r, d in zip(active, drafts):
-                if self.trace is not None:
-                    self.trace.append({"slot": r.slot, "j": j, "context": r.tokens[: r.n + 1] + r.drafts[:j],
-                                       "logits": logits[r.row].clone()})
-                r.drafts.append(d)
-                self.cache.truncate(group, r.slot, max(0, r.n - j))
-            z_prev, starts_prev = z, starts
+        if self.draft_hook is not None:
+            forced = [self.draft_hook(r, j, d) for r, d in zip(active, drafts)]
+            for i, (d, f) in enumerate(zip(drafts, forced)):
+                if d != f and not greedy:  # the draft now comes from a point mass, and q must say so
+                    probs[i].zero_()[f] = 1.0
+            drafts = forced
+        if not greedy:
+            self.q[torch.tensor([r.slot for r in active], device=dev), j] = probs
+        for r, d in zip(active, drafts):
+            if self.trace is not None:
+                self.trace.append({"slot": r.slot, "j": j, "context": r.tokens[: r.n + 1] + r.drafts[:j],
+                                   "logits": logits[r.row].clone()})
+            r.drafts.append(d)
+            # Positions past n-1-j used drafts: recomputed next pass from the verified tokens.
+            self.cache.truncate(group, r.slot, max(0, r.n - j))
+
+
+class DraftPolicy:
+    """How many tokens each speculative row drafts next: the count that maximises expected tokens per
+    second, so that speculation costs little when drafts are rejected and pays when they are accepted.
+
+    Expected tokens of a step with k drafts: E(k) = 1 + sum_i prod_{j<=i} alpha_j, with alpha_j the
+    row's acceptance rate of draft position j given the previous ones were accepted (a moving average
+    over its verify steps, starting at 1; a position is not trusted more than the one before it, which
+    also covers positions never tested). Cost of k drafts: the engine's measured time of a verify step
+    fed k drafts plus that of drafting k, over a plain step, at the same number of rows (1 + 0.6 k
+    until measured). A row that stops drafting probes with one draft after `probe_every` steps (twice as
+    long after each failed probe, up to 8x), so a run of good drafts is found again. A module that sat
+    out longer than its history (S positions) resumes where the history starts, with a gap in its
+    attention window (its layers are sliding); one with full-attention layers is run before it would
+    fall that far behind."""
+
+    def __init__(self, num_modules: int, history: int, probe_every: int = 24, rate: float = 0.2,
+                 can_skip: bool = True):
+        self.num_modules, self.history, self.can_skip = num_modules, history, can_skip
+        self.probe_every, self.rate = probe_every, rate
+        # ("verify" | "draft", rows in the step, drafts) -> the last times; their minimum is the cost
+        # (other processes only ever add time, so the minimum is the least noisy estimate)
+        self.seconds: dict[tuple[str, int, int], collections.deque] = {}
+        self.rows = 1  # rows of the step being decided, set by the engine
+
+    def observe(self, kind: str, rows: int, k: int, seconds: float) -> None:
+        """kind "verify": a trunk step whose rows fed up to k drafts; "draft": a pass drafting up to k."""
+        self.seconds.setdefault((kind, rows, k), collections.deque(maxlen=16)).append(seconds)
+
+    def cost(self, k: int) -> float:
+        """Seconds of a step with k drafts over a plain step, at the current number of rows."""
+        parts = [self.seconds.get((kind, self.rows, n)) for kind, n in (("verify", k), ("draft", k), ("verify", 0))]
+        if not k or not all(p and len(p) >= 3 for p in parts):
+            return 1.0 + 0.6 * k
+        verify, draft, plain = (min(p) for p in parts)
+        return (max(verify, plain) + draft) / plain  # a wider step is never cheaper; noise can say so
+
+    def observe_verify(self, r, k: int, accepted: int) -> None:
+        """Row r's k drafts were verified and the first `accepted` kept."""
+        for j in range(min(k, accepted + 1)):  # positions past the first rejection were not tested
+            r.accept_rate[j] += self.rate * ((1.0 if j < accepted else 0.0) - r.accept_rate[j])
+        if r.probing:  # a failed probe doubles the wait for the next one (up to 8x)
+            r.probe_backoff, r.probing = (1 if accepted else min(2 * r.probe_backoff, 8)), False
+
+    def choose(self, r, limit: int, lags: list[int]) -> int:
+        """Drafts for row r (at most `limit`); lags[j] = positions MTP module j is behind the trunk."""
+        expected, keep, rate, best, best_rate = 1.0, 1.0, 1.0, 0, 1.0 / self.cost(0)
+        for k in range(1, limit + 1):
+            rate = min(rate, r.accept_rate[k - 1])  # a later draft is not trusted more than an earlier one
+            keep *= rate
+            expected += keep
+            if expected / self.cost(k) > best_rate:
+                best, best_rate = k, expected / self.cost(k)
+        r.since_draft = 0 if best else r.since_draft + 1
+        if not best and r.since_draft >= self.probe_every * r.probe_backoff:
+            best, r.since_draft, r.probing = 1, 0, True
+        if not self.can_skip:  # a module with full-attention layers must never fall out of its history
+            for j, lag in enumerate(lags[:limit]):
+                if lag >= self.history - 2 * (self.num_modules + 1):
+                    best = max(best, j + 1)
+        return min(best, limit)
 
 
 def verify(p: torch.Tensor, drafts: torch.Tensor, q: torch.Tensor, k: torch.Tensor, u_accept: torch.Tensor,
@@ -160,3 +307,13 @@ def verify(p: torch.Tensor, drafts: torch.Tensor, q: torch.Tensor, k: torch.Tens
     residual = torch.where(residual.sum(-1, keepdim=True) > 0, residual, p[rows, a.clamp(max=K - 1)])
     dist = torch.where((a >= k)[:, None], p[rows, k], residual)  # bonus from p when every draft passed
     return a, sample(dist, u_final)
+
+
+def verify_greedy(best: torch.Tensor, drafts: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """`verify` for greedy rows, where p and q are one-hot: best [b, K+1] argmax of the target at each
+    verified position, drafts [b, K], k [b] -> accepted counts a [b]. A draft is accepted while it equals
+    the argmax; the final token is best[a] (the correction, or the bonus when a = k), so the emitted
+    tokens are best[:, : a + 1], exactly plain greedy decoding."""
+    K = drafts.shape[1]
+    ok = (drafts == best[:, :K]) & (torch.arange(K, device=best.device)[None, :] < k[:, None])
+    return ok.long().cumprod(-1).sum(-1)

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from stepflash.config import Step35Config
+from stepflash.model.fused import FusedLinear, ReleaseNames, keep_release_names
 from stepflash.model.norm import RMSNorm
 from stepflash.model.rope import apply_rope
 
@@ -31,7 +32,12 @@ def causal_mask(q_len: int, k_len: int, window: int | None, device) -> torch.Ten
     return mask
 
 
-class Attention(nn.Module):
+class Attention(ReleaseNames, nn.Module):
+    """q, k, v and the head gate come out of one product (`qkvg_proj`, rows in that order); the state
+    dict still holds the release's `q_proj`, `k_proj`, `v_proj`, `g_proj` (see `model/fused.py`)."""
+
+    RELEASE_ORDER = ("q_proj", "k_proj", "v_proj", "o_proj", "g_proj")
+
     def __init__(self, cfg: Step35Config, layer_idx: int):
         super().__init__()
         self.layer_idx = layer_idx
@@ -41,20 +47,21 @@ class Attention(nn.Module):
         self.sliding_window = cfg.sliding_window if cfg.is_sliding(layer_idx) else None
         self.use_gate = cfg.use_head_wise_attn_gate
         h, d = cfg.hidden_size, self.head_dim
-        self.q_proj = nn.Linear(h, self.num_heads * d, bias=False)
-        self.k_proj = nn.Linear(h, self.num_kv_heads * d, bias=False)
-        self.v_proj = nn.Linear(h, self.num_kv_heads * d, bias=False)
-        self.o_proj = nn.Linear(self.num_heads * d, h, bias=False)
+        parts = {"q_proj": self.num_heads * d, "k_proj": self.num_kv_heads * d, "v_proj": self.num_kv_heads * d}
         if self.use_gate:
-            self.g_proj = nn.Linear(h, self.num_heads, bias=False)
+            parts["g_proj"] = self.num_heads
+        self.qkvg_proj = FusedLinear(h, parts)
+        self.o_proj = nn.Linear(self.num_heads * d, h, bias=False)
         self.q_norm = RMSNorm(d, cfg.rms_norm_eps)
         self.k_norm = RMSNorm(d, cfg.rms_norm_eps)
+        keep_release_names(self)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv_cache=None) -> torch.Tensor:
         b, t, _ = x.shape
-        q = self.q_norm(self.q_proj(x).view(b, t, self.num_heads, self.head_dim))  # [B, T, H, D]
-        k = self.k_norm(self.k_proj(x).view(b, t, self.num_kv_heads, self.head_dim))  # [B, T, Hkv, D]
-        v = self.v_proj(x).view(b, t, self.num_kv_heads, self.head_dim)
+        q, k, v, *gate = self.qkvg_proj.split(self.qkvg_proj(x))
+        q = self.q_norm(q.view(b, t, self.num_heads, self.head_dim))  # [B, T, H, D]
+        k = self.k_norm(k.view(b, t, self.num_kv_heads, self.head_dim))  # [B, T, Hkv, D]
+        v = v.view(b, t, self.num_kv_heads, self.head_dim)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, heads, T, D]
         if kv_cache is not None:
@@ -68,6 +75,6 @@ class Attention(nn.Module):
             scale=self.head_dim ** -0.5, enable_gqa=self.num_heads != self.num_kv_heads,
         )  # [B, H, T, D]
         out = out.transpose(1, 2)  # [B, T, H, D]
-        if self.use_gate:
-            out = out * torch.sigmoid(self.g_proj(x)).unsqueeze(-1)
+        if self.use_gate and gate:
+            out = out * torch.sigmoid(gate[0]).unsqueeze(-1)
         return self.o_proj(out.reshape(b, t, self.num_heads * self.head_dim))

@@ -11,7 +11,8 @@ Architecture (every number from `Step35Config`):
 - 3 chained MTP modules stored as layers 45..47: module j predicts token t+2+j from position t.
 
 The state dict names are the checkpoint's (`model.layers.{i}.self_attn.q_proj.weight`, ...,
-`model.layers.45.transformer.shared_head.output.weight`), so loading is a direct copy.
+`model.layers.45.transformer.shared_head.output.weight`). Projections that read the same input are one
+parameter (q/k/v/gate, a SwiGLU's gate/up); `model/fused.py` maps them to and from the release names.
 The model is built on whatever device is current; on "meta" it takes no memory (see `checkpoint.py`).
 """
 
@@ -24,6 +25,7 @@ from torch import nn
 
 from stepflash.config import Step35Config
 from stepflash.model.attention import Attention
+from stepflash.model.fused import ReleaseNames
 from stepflash.model.moe import MoE, StackedWeight, SwiGLU
 from stepflash.model.norm import RMSNorm
 from stepflash.model.rope import RotaryEmbedding
@@ -59,7 +61,8 @@ class SharedHead(nn.Module):
 
 
 class MTPLayer(DecoderLayer):
-    """`z = block(eh_proj(cat[enorm(embed(next_token)), hnorm(h_prev)]))`, logits from its own head."""
+    """MTP module j: `z = decoder_layer(eh_proj(cat[enorm(embed(next_token)), hnorm(h_prev)]))`, then
+    logits from its own head. `block` is z alone: drafting needs the head at one position per row."""
 
     def __init__(self, cfg: Step35Config, layer_idx: int):
         super().__init__(cfg, layer_idx)
@@ -69,11 +72,19 @@ class MTPLayer(DecoderLayer):
         self.transformer = nn.Module()
         self.transformer.shared_head = SharedHead(cfg)
 
-    def forward(self, emb_next: torch.Tensor, h_prev: torch.Tensor, cos, sin, kv_cache=None):
+    def block(self, emb_next: torch.Tensor, h_prev: torch.Tensor, cos, sin, kv_cache=None) -> torch.Tensor:
+        """emb_next, h_prev [B, T, hidden] -> z [B, T, hidden]."""
         z = self.eh_proj(torch.cat([self.enorm(emb_next), self.hnorm(h_prev)], dim=-1))
-        z = super().forward(z, cos, sin, kv_cache)
+        return super().forward(z, cos, sin, kv_cache)
+
+    def head(self, z: torch.Tensor) -> torch.Tensor:
         head = self.transformer.shared_head
-        return z, head.output(head.norm(z))
+        return head.output(head.norm(z))
+
+    def forward(self, emb_next: torch.Tensor, h_prev: torch.Tensor, cos, sin, kv_cache=None):
+        # Training calls the layer (not block/head) so that FSDP's forward hooks gather its weights.
+        z = self.block(emb_next, h_prev, cos, sin, kv_cache)
+        return z, self.head(z)
 
 
 class Step35Model(nn.Module):
@@ -135,28 +146,43 @@ class Step35ForCausalLM(nn.Module):
     def head(self, h: torch.Tensor) -> torch.Tensor:
         return self.lm_head(self.model.norm(h))
 
+    def _mtp_inputs(self, j: int, next_ids: torch.Tensor, h_prev: torch.Tensor, position_ids: torch.Tensor | None):
+        layer = self.model.layers[self.num_layers + j]
+        if position_ids is None:
+            position_ids = self.default_positions(next_ids)
+        cos, sin = self.rotary[self.rope_of[self.num_layers + j]](position_ids, h_prev.dtype)
+        return layer, self.model.embed_tokens(next_ids), cos, sin
+
     def mtp(self, j: int, next_ids: torch.Tensor, h_prev: torch.Tensor, position_ids: torch.Tensor | None = None,
             kv_cache=None) -> tuple[torch.Tensor, torch.Tensor]:
         """MTP module j: next_ids [B, T] (the token after each position of h_prev, for module 0; j tokens
         further for module j), h_prev [B, T, hidden] (trunk output for j = 0, module j-1's z otherwise)
         -> (z [B, T, hidden], logits [B, T, vocab]) predicting the token after next_ids."""
-        layer_idx = self.num_layers + j
-        if position_ids is None:
-            position_ids = self.default_positions(next_ids)
-        cos, sin = self.rotary[self.rope_of[layer_idx]](position_ids, h_prev.dtype)
-        return self.model.layers[layer_idx](self.model.embed_tokens(next_ids), h_prev, cos, sin, kv_cache)
+        layer, emb, cos, sin = self._mtp_inputs(j, next_ids, h_prev, position_ids)
+        return layer(emb, h_prev, cos, sin, kv_cache)
+
+    def mtp_block(self, j: int, next_ids: torch.Tensor, h_prev: torch.Tensor, position_ids: torch.Tensor | None = None,
+                  kv_cache=None) -> torch.Tensor:
+        """`mtp` without the head: z [B, T, hidden] only (for drafting)."""
+        layer, emb, cos, sin = self._mtp_inputs(j, next_ids, h_prev, position_ids)
+        return layer.block(emb, h_prev, cos, sin, kv_cache)
+
+    def mtp_head(self, j: int, z: torch.Tensor) -> torch.Tensor:
+        """MTP module j's own head: z [..., hidden] -> logits [..., vocab]."""
+        return self.model.layers[self.num_layers + j].head(z)
 
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None, kv_cache=None) -> torch.Tensor:
         """input_ids [B, T] -> logits [B, T, vocab] of the main head."""
         return self.head(self.trunk(input_ids, position_ids, kv_cache))
 
-    def mtp_logits(self, input_ids: torch.Tensor, h: torch.Tensor) -> list[torch.Tensor]:
-        """Teacher-forced MTP chain over a training sequence input_ids [B, T], h = trunk(input_ids).
-        Element j is [B, T-1-j, vocab]; element j at position t scores input_ids[:, t + 2 + j], so its
-        targets are input_ids[:, 2 + j:] against logits[j][:, : T - 2 - j]."""
+    def mtp_logits(self, input_ids: torch.Tensor, h: torch.Tensor, depth: int | None = None) -> list[torch.Tensor]:
+        """Teacher-forced MTP chain over a training sequence input_ids [B, T], h = trunk(input_ids), through
+        the first `depth` modules (all by default). Element j is [B, T-1-j, vocab]; element j at position t
+        scores input_ids[:, t + 2 + j], so its targets are input_ids[:, 2 + j:] against logits[j][:, : T - 2 - j]."""
         out, t = [], input_ids.shape[1]
         pos = self.default_positions(input_ids)
-        for j in range(len(self.mtp_layers)):
+        n = len(self.mtp_layers) if depth is None else min(depth, len(self.mtp_layers))
+        for j in range(n):
             if t - 1 - j <= 0:
                 break
             h, logits = self.mtp(j, input_ids[:, 1 + j:], h[:, : t - 1 - j], pos[:, : t - 1 - j])
@@ -170,8 +196,13 @@ class Step35ForCausalLM(nn.Module):
         (= unit scale, norms are zero-centred), router bias at zero."""
         std = self.config.initializer_range if std is None else std
         out_std = std / math.sqrt(2 * max(1, self.num_layers))
+        done = set()  # fused projections are drawn part by part, in the release's order, from their owner
         for name, mod in self.named_modules():
-            if isinstance(mod, (nn.Linear, nn.Embedding, StackedWeight)):
+            if isinstance(mod, ReleaseNames):
+                for part, weight in mod.release_weights():
+                    nn.init.normal_(weight, 0.0, out_std if part in ("o_proj", "down_proj") else std)
+                done.update(id(m) for m in mod.children())
+            elif isinstance(mod, (nn.Linear, nn.Embedding, StackedWeight)) and id(mod) not in done:
                 is_out = name.endswith(("o_proj", "down_proj"))
                 nn.init.normal_(mod.weight, 0.0, out_std if is_out else std)
             elif isinstance(mod, RMSNorm):

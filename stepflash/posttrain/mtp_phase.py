@@ -48,21 +48,6 @@ def mtp_parameters(model) -> list[torch.nn.Parameter]:
     return [p for layer in model.mtp_layers for p in layer.parameters()]
 
 
-def mtp_chain_logits(model, inputs: torch.Tensor, h: torch.Tensor, depth: int) -> list[torch.Tensor]:
-    """The teacher-forced chain of MTP modules 0..depth-1 over inputs [B, T] (h = model.trunk(inputs)):
-    element j is [B, T-1-j, V], its position t predicting inputs-token t + 2 + j."""
-    T = inputs.shape[1]
-    pos = model.default_positions(inputs)
-    out, z = [], h
-    for j in range(depth):
-        n = T - 1 - j  # positions with a target
-        if n <= 0:
-            break
-        z, logits = model.mtp(j, inputs[:, 1 + j:], z[:, :n], pos[:, :n])  # [B, n, V]
-        out.append(logits)
-    return out
-
-
 def masked_mtp_losses(model, ids: torch.Tensor, target_mask: torch.Tensor, h: torch.Tensor,
                       depth: int | None = None) -> list[torch.Tensor]:
     """Cross entropy of MTP modules 0..depth-1 over target tokens, each a scalar.
@@ -70,9 +55,8 @@ def masked_mtp_losses(model, ids: torch.Tensor, target_mask: torch.Tensor, h: to
     ids [B, S] (a padded batch), target_mask [B, S-1] (1 where ids[:, t+1] is a trained token, as `sft_batch`
     makes it), h = model.trunk(ids[:, :-1]) [B, S-1, hidden]. Module j at position t predicts ids[:, t+2+j]
     (`objective.mtp_targets` on the window ids); its mask is target_mask[:, 1+j:]."""
-    depth = len(model.mtp_layers) if depth is None else min(depth, len(model.mtp_layers))
     return [masked_cross_entropy(logits, ids[:, 2 + j:], target_mask[:, 1 + j:])
-            for j, logits in enumerate(mtp_chain_logits(model, ids[:, :-1], h, depth))]
+            for j, logits in enumerate(model.mtp_logits(ids[:, :-1], h, depth))]  # [B, T-1-j, V]
 
 
 @torch.no_grad()
@@ -85,7 +69,7 @@ def accepted_length(model, prompts: list[list[int]], k: int = 3, max_new_tokens:
     if k < 1 or k > len(model.mtp_layers):
         raise UserError(f"k must be in 1..{len(model.mtp_layers)} (the model's MTP modules), got {k}")
     was_training = model.training
-    engine = Engine(model, max_batch_size=batch_size)
+    engine = Engine(model, max_batch_size=batch_size, adaptive_drafts=False)  # k drafts every step
     accepted = steps = 0
     pos_acc, pos_tried = [0.0] * k, [0.0] * k
     for i in range(0, len(prompts), batch_size):

@@ -174,6 +174,8 @@ class ServeArgs:
     model_name: str | None = field(default=None, metadata={"help": "name clients use (default: directory name)"})
     device: str = field(default="auto", metadata={"help": "cpu, cuda, cuda:1, ... (auto: cuda if available)"})
     dtype: str | None = field(default=None, metadata={"help": "float32, bfloat16, float16 (default: checkpoint's)"})
+    compile: bool = field(default=False, metadata={"help": "decode with torch.compile (CUDA graphs on GPU); the "
+                                                           "first requests wait for the compilation"})
     chat_template: str = field(default="auto", metadata={
         "help": "auto (the checkpoint's tokenizer_config.json template, else built-in), builtin, or a .jinja file"})
     max_body_mb: float = field(default=32.0, metadata={"help": "largest request body accepted, in MiB (413 beyond)"})
@@ -210,7 +212,7 @@ def run(args: ServeArgs) -> int:
     mtp = min(args.mtp, model.config.num_nextn_predict_layers)
     if mtp < args.mtp:
         log.warning("--mtp %d: the checkpoint has %d MTP modules; drafting %d tokens", args.mtp, mtp, mtp)
-    engine = Engine(model, max_batch_size=args.max_batch, device=device)
+    engine = Engine(model, max_batch_size=args.max_batch, device=device, compile=args.compile)
     app = create_app(engine, tokenizer, args.model_name or _dir_name(args.checkpoint),
                      chat_template=resolve_chat_template(args.chat_template, args.checkpoint),
                      api_key=api_key, max_batch=args.max_batch, max_queue=args.max_queue, speculative_tokens=mtp,

@@ -10,7 +10,9 @@ typical AdamW update (one learning rate and weight decay then serve both optimis
 The iteration runs in `dtype` after normalising the matrix to unit Frobenius norm, which keeps every
 intermediate in range in fp16 and bf16 (`--muon-precision`).
 
-Stacked expert weights [E, out, in] are one matrix per expert (the iteration is batched over E).
+Stacked expert weights [E, out, in] are one matrix per expert (the iteration is batched over E). A fused
+projection (q/k/v/gate as one weight, `stepflash.model.fused`) holds several release matrices stacked by
+rows: `row_splits` names them, and each is orthogonalised and scaled on its own, as if unfused.
 
 Sharded parameters (DTensors) need whole matrices, and FSDP2 gives each rank a block of rows:
 - a stacked expert tensor is sharded on the expert dimension (by FSDP, and by expert parallelism), so a
@@ -79,6 +81,20 @@ def orthogonalize(g: torch.Tensor, steps: int = 5, dtype: torch.dtype | None = N
     return x.to(out_dtype or g.dtype)
 
 
+def orthogonalize_parts(g: torch.Tensor, splits: list[int] | None, **ns) -> torch.Tensor:
+    """orthogonalize() of each block of rows of g (the matrices of a fused weight), concatenated."""
+    if not splits or len(splits) == 1:
+        return orthogonalize(g, **ns)
+    return torch.cat([orthogonalize(part, **ns) for part in g.split(splits, dim=-2)], dim=-2)
+
+
+def row_scales(shape: torch.Size, splits: list[int] | None, device: torch.device) -> torch.Tensor:
+    """[rows, 1] Muon's RMS-matching scale 0.2 * sqrt(max(rows, cols)) of the matrix each row belongs to
+    (shape: the parameter's global shape)."""
+    rows, cols = shape[-2], shape[-1]
+    return torch.cat([torch.full((n, 1), 0.2 * math.sqrt(max(n, cols)), device=device) for n in splits or [rows]])
+
+
 def _local(t: torch.Tensor) -> torch.Tensor:
     return t.to_local() if isinstance(t, DTensor) else t
 
@@ -104,7 +120,8 @@ def _owners(sizes: list[int], ranks: int) -> list[int]:
     return owner
 
 
-def _orthogonalize_row_shards(params: list[DTensor], updates: list[torch.Tensor], **ns) -> list[torch.Tensor]:
+def _orthogonalize_row_shards(params: list[DTensor], updates: list[torch.Tensor], splits: list, **ns
+                              ) -> list[torch.Tensor]:
     """Each rank's rows of U V^T for matrices sharded by rows over one mesh (module docstring)."""
     mesh = params[0].device_mesh
     group, ranks, me = mesh.get_group(), mesh.size(), mesh.get_local_rank()
@@ -134,7 +151,7 @@ def _orthogonalize_row_shards(params: list[DTensor], updates: list[torch.Tensor]
     back = []
     for i, m in enumerate(mine):
         whole = torch.cat([blocks[s][i].view(chunk[m], cols[m])[: rows_of(s, m)] for s in range(ranks)])  # [rows, cols]
-        back.append(orthogonalize(whole, out_dtype=dtype, **ns))
+        back.append(orthogonalize_parts(whole, splits[m], out_dtype=dtype, **ns))
     send_back = [padded(back[i][s * chunk[m]: s * chunk[m] + rows_of(s, m)], m)
                  for s in range(ranks) for i, m in enumerate(mine)]
     returned = torch.empty(sum(to_owner), dtype=dtype, device=updates[0].device)
@@ -144,27 +161,35 @@ def _orthogonalize_row_shards(params: list[DTensor], updates: list[torch.Tensor]
     for r, part in enumerate(returned.split(to_owner)):
         theirs = [m for m in range(len(params)) if owner[m] == r]
         for m, piece in zip(theirs, part.split([chunk[m] * cols[m] for m in theirs])):
-            out[m] = piece.view(chunk[m], cols[m])[: rows_of(me, m)].to(updates[m].dtype)
+            first, n = me * chunk[m], rows_of(me, m)
+            scale = row_scales(params[m].shape, splits[m], piece.device)[first: first + n]
+            out[m] = piece.view(chunk[m], cols[m])[:n].to(updates[m].dtype) * scale
     return out
 
 
-def orthogonalize_updates(params: list[torch.Tensor], updates: list[torch.Tensor], **ns) -> list[torch.Tensor]:
-    """U V^T of every update, as this rank's local block of each parameter (plain tensors: the whole)."""
+def orthogonalize_updates(params: list[torch.Tensor], updates: list[torch.Tensor], splits: list | None = None,
+                          **ns) -> list[torch.Tensor]:
+    """U V^T of every update (of each of its matrices: `splits[i]` rows each, None for one matrix) times
+    Muon's scale, as this rank's local block of each parameter (plain tensors: the whole). Every path
+    scales after the cast back to the update's dtype, so sharded and single-process steps agree exactly."""
+    splits = splits or [None] * len(params)
     out: list[torch.Tensor | None] = [None] * len(params)
     by_mesh: dict[object, list[int]] = {}
     for i, (p, u) in enumerate(zip(params, updates)):
         if _whole_matrices_local(p):
-            out[i] = orthogonalize(u, **ns)
+            out[i] = orthogonalize_parts(u, splits[i], **ns) * row_scales(p.shape, splits[i], u.device)
         elif _row_sharded(p):
             by_mesh.setdefault(p.device_mesh, []).append(i)
         else:  # any other layout: every rank orthogonalises the whole matrix and keeps its block
             from torch.distributed.tensor import distribute_tensor
 
             whole = DTensor.from_local(u, p.device_mesh, p.placements, shape=p.shape, stride=p.stride()).full_tensor()
-            out[i] = distribute_tensor(orthogonalize(whole, **ns), p.device_mesh, p.placements,
+            scaled = orthogonalize_parts(whole, splits[i], **ns) * row_scales(p.shape, splits[i], u.device)
+            out[i] = distribute_tensor(scaled, p.device_mesh, p.placements,
                                        src_data_rank=None).to_local()
     for idx in by_mesh.values():
-        for i, o in zip(idx, _orthogonalize_row_shards([params[i] for i in idx], [updates[i] for i in idx], **ns)):
+        for i, o in zip(idx, _orthogonalize_row_shards([params[i] for i in idx], [updates[i] for i in idx],
+                                                       [splits[i] for i in idx], **ns)):
             out[i] = o
     return out
 
@@ -175,12 +200,16 @@ class Muon(torch.optim.Optimizer):
 
     def __init__(self, params, lr: float = 1e-3, momentum: float = 0.95, nesterov: bool = True,
                  weight_decay: float = 0.0, ns_steps: int = 5, ns_dtype: torch.dtype | None = None,
-                 iteration: str = "newton-schulz"):
+                 iteration: str = "newton-schulz", row_splits: dict[int, list[int]] | None = None):
+        """row_splits: id(parameter) -> row counts of the release matrices a fused parameter holds
+        (`stepflash.model.fused.fused_row_splits`, taken after sharding: the ids are the parameters'
+        own); each matrix is orthogonalised and scaled on its own."""
         if iteration not in ITERATIONS:
             raise ValueError(f"iteration must be one of {ITERATIONS}, got {iteration!r}")
         super().__init__(params, dict(lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay,
                                       ns_steps=ns_steps))
         self.ns_dtype, self.iteration = ns_dtype, iteration
+        self.row_splits = row_splits or {}
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -202,10 +231,10 @@ class Muon(torch.optim.Optimizer):
             orth = orthogonalize_updates(params, updates, steps=group["ns_steps"],
                                          dtype=self.ns_dtype or (torch.float32 if not params or params[0].device.type
                                                                  == "cpu" else torch.bfloat16),
-                                         iteration=self.iteration)
-            for p, o in zip(params, orth):
-                scale = 0.2 * math.sqrt(max(p.shape[-2], p.shape[-1]))  # the global shape
+                                         iteration=self.iteration,
+                                         splits=[self.row_splits.get(id(p)) for p in params])
+            for p, o in zip(params, orth):  # o: already scaled
                 local = _local(p)
                 local.mul_(1 - group["lr"] * group["weight_decay"])
-                local.add_(o, alpha=-group["lr"] * scale)
+                local.add_(o, alpha=-group["lr"])
         return loss

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from stepflash.errors import UserError
+from stepflash.model.fused import fused_row_splits
 from stepflash.training.muon import Muon
 
 
@@ -85,7 +86,7 @@ def build_optimizer(model: nn.Module, kind: str, lr: float, weight_decay: float,
     elif kind == "muon":
         decay = groups["adamw_decay"]
         muon = Muon(groups["muon"], lr=lr, momentum=muon_momentum, weight_decay=weight_decay, ns_dtype=muon_dtype,
-                    iteration=muon_iteration) if groups["muon"] else None
+                    iteration=muon_iteration, row_splits=fused_row_splits(model)) if groups["muon"] else None
     else:
         raise ValueError(f"optimizer must be 'muon' or 'adamw', got {kind!r}")
     adamw = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
