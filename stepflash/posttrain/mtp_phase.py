@@ -142,7 +142,7 @@ class MTPPhaseArgs:
     steps: int = field(default=100, metadata={"help": "optimizer steps"})
     lr: float = field(default=1e-3, metadata={"help": "peak AdamW learning rate"})
     batch_size: int = field(default=16, metadata={"help": "conversations per step"})
-    no_clone: bool = field(default=False, metadata={"help": "train the modules as they are, without cloning"})
+    clone: bool = field(default=True, metadata={"help": "clone MTP module 1 into the others first (--no-clone: train them as they are)"})
     eval_prompts: int = field(default=64, metadata={"help": "held-out conversations whose prompts measure "
                                                              "the accepted draft length"})
     max_len: int = field(default=512, metadata={"help": "truncate conversations to this many tokens"})
@@ -171,7 +171,7 @@ def run(args: MTPPhaseArgs) -> int:
     stop = tuple(i for i in (tok.token_to_id("<|im_end|>"), tok.token_to_id("<|eos|>")) if i is not None)
     k = len(model.mtp_layers)
     before = accepted_length(model, prompts, k, stop_ids=stop) if prompts else None
-    if not args.no_clone:
+    if args.clone:
         clone_mtp_modules(model)
     examples = [tokenize_conversation(tok, template, c, args.max_len) for c in train]
     losses = train_mtp_phase(model, examples, tok.token_to_id("<|pad|>") or 0, args.steps, args.lr, args.batch_size,
