@@ -191,3 +191,35 @@ def test_penalties_min_tokens_and_ignore_eos_reach_the_engine(served, client):
     assert stopped.usage.completion_tokens == 1
     held = client.completions.create(**kw, extra_body={"stop_token_ids": [first], "min_tokens": 5})
     assert held.usage.completion_tokens >= 5
+
+
+# ---- hostile but valid requests reach the real engine: each gets its status, the next innocent one is unchanged
+
+COMPLETE = "/v1/completions"
+ENGINE_HOSTILE = [  # (request body, expected status, a check on the reply)
+    (dict(presence_penalty=-2, frequency_penalty=-2, repetition_penalty=9e18, temperature=2, top_k=1), 200, None),
+    (dict(logit_bias={str(i): -100 for i in range(300)}, temperature=1.0, seed=3), 200, None),
+    (dict(logit_bias={str(EOS): 100}, min_tokens=8, max_tokens=8), 200,
+     lambda r: r["usage"]["completion_tokens"] == 8),
+    (dict(n=16, logprobs=20, top_k=1, temperature=2.0, seed=2 ** 63 - 1), 200,
+     lambda r: len(r["choices"]) == 16 and all(len(t) >= 1 for c in r["choices"] for t in c["logprobs"]["top_logprobs"])),
+    (dict(response_format={"type": "json_object"}, ignore_eos=True), 400, None),
+    (dict(response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": {"enum": []}}}), 400, None),
+    (dict(response_format={"type": "json_object"}, logit_bias={str(i): 100 for i in range(300)}, max_tokens=30,
+          logprobs=5, temperature=1.0, seed=0), 200, lambda r: "\ufffd" not in r["choices"][0]["text"][:1]),
+    (dict(stop=["e", "a", "o", " "], max_tokens=16, temperature=1.5, seed=7), 200, None),
+]
+
+
+@pytest.mark.parametrize("body, status, check", ENGINE_HOSTILE, ids=[str(i) for i in range(len(ENGINE_HOSTILE))])
+def test_hostile_valid_requests_through_the_real_engine(served, client, body, status, check):
+    import httpx
+
+    innocent = dict(model="tiny", prompt="The quick", max_tokens=8, temperature=0)
+    want = httpx.post(served.url + COMPLETE, json=innocent, timeout=60).json()["choices"][0]["text"]
+    r = httpx.post(served.url + COMPLETE, json={"model": "tiny", "prompt": "Weather in", "max_tokens": 8, **body},
+                   timeout=60)
+    assert r.status_code == status, r.text
+    if check is not None:
+        assert check(r.json()), r.json()
+    assert httpx.post(served.url + COMPLETE, json=innocent, timeout=60).json()["choices"][0]["text"] == want
