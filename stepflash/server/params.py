@@ -48,6 +48,10 @@ OPTIONAL_FEATURES = {
 }
 
 
+def param_name(forced_tools: bool) -> str:
+    return "tool_choice" if forced_tools else "response_format"
+
+
 def engine_fields(make_params) -> set[str]:
     if dataclasses.is_dataclass(make_params):
         return {f.name for f in dataclasses.fields(make_params)}
@@ -86,9 +90,9 @@ class ParamsBuilder:
         if not forced and fmt == "text":
             return None
         if req.ignore_eos:  # a complete grammar allows only the stop ids, which ignore_eos would not stop on
-            raise APIError(400, f"ignore_eos: cannot be combined with a constraining {'tool_choice' if forced else 'response_format'}",
+            raise APIError(400, f"ignore_eos: cannot be combined with a constraining {param_name(forced)}",
                            param="ignore_eos")
-        param = "tool_choice" if forced else "response_format"
+        param = param_name(forced)
         if "grammar" not in self.fields:
             raise APIError(400, f"{param}: constrained decoding is not supported by this server's engine yet",
                            param=param, code="unsupported_parameter")
