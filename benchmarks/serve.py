@@ -7,6 +7,12 @@ completions one after another. TTFT is measured from sending the request to the 
 carries text; requests/s over the whole wall time of a concurrency level. Usage:
     python benchmarks/serve.py [--preset tiny] [--checkpoint DIR] [--clients 1 8 32] [--requests 64]
                                [--max-tokens 32] [--max-batch 8] [--mtp 0]
+
+--structured: the cost of structured output instead. The same requests at `--max-batch` concurrent
+clients (non-streaming completions), without and with a JSON schema (`response_format`, a grammar mask
+per row and step), interleaved `--repeats` times; generated tokens/s over the wall time, best of the
+repeats, and the ratio. The schema's one free string lets random weights write until max_tokens, so
+both sides generate about as many tokens (tokens/s counts what each really generated).
 """
 
 import argparse
@@ -71,6 +77,40 @@ async def level(url, model, clients, total, max_tokens):
     return n, wall, ttfts
 
 
+SCHEMA = {"type": "object", "properties": {"text": {"type": "string"}}, "required": ["text"]}
+
+
+async def structured_level(url, model, clients, total, max_tokens, schema: bool) -> tuple[int, float]:
+    client = openai.AsyncOpenAI(base_url=url, api_key="bench", max_retries=0, timeout=600)
+    extra = ({"response_format": {"type": "json_schema", "json_schema": {"name": "r", "schema": SCHEMA}}} if schema
+             else {"ignore_eos": True})
+    tokens = []
+
+    async def one(c):
+        for i in range(max(1, total // clients)):
+            r = await client.completions.create(model=model, prompt=PROMPTS[(c + i) % len(PROMPTS)],
+                                                max_tokens=max_tokens, temperature=0, extra_body=extra)
+            tokens.append(r.usage.completion_tokens)
+
+    t0 = time.perf_counter()
+    await asyncio.gather(*(one(c) for c in range(clients)))
+    wall = time.perf_counter() - t0
+    await client.close()
+    return sum(tokens), wall
+
+
+def structured(url, a) -> None:
+    best = {False: 0.0, True: 0.0}
+    for _ in range(a.repeats):
+        for schema in (False, True):
+            n, wall = asyncio.run(structured_level(url, "bench", a.max_batch, a.requests, a.max_tokens, schema))
+            best[schema] = max(best[schema], n / wall)
+    print(f"load average: {os.getloadavg()[0]:.2f} (1 min)")
+    print("| requests | tokens/s plain (ignore_eos) | tokens/s JSON schema | schema / plain |")
+    print("|---|---|---|---|")
+    print(f"| {a.requests} x {a.repeats} | {best[False]:.1f} | {best[True]:.1f} | {best[True] / best[False]:.3f} |")
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--preset", default="tiny")
@@ -80,6 +120,8 @@ def main():
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--max-batch", type=int, default=8)
     ap.add_argument("--mtp", type=int, default=0)
+    ap.add_argument("--structured", action="store_true", help="tokens/s with and without a JSON schema")
+    ap.add_argument("--repeats", type=int, default=3, help="--structured: interleaved runs, best of")
     a = ap.parse_args()
 
     tmp = tempfile.TemporaryDirectory()
@@ -108,6 +150,8 @@ def main():
         print(f"checkpoint: {a.checkpoint or 'random ' + a.preset}; max_tokens {a.max_tokens}, max_batch {a.max_batch}, "
               f"mtp {a.mtp}, greedy, streaming completions; torch threads {torch.get_num_threads()}, "
               f"{os.cpu_count()} CPUs")
+        if a.structured:
+            return structured(url, a)
         print("| clients | requests | wall (s) | requests/s | TTFT p50 (ms) | TTFT p90 (ms) |")
         print("|---|---|---|---|---|---|")
         for clients in a.clients:

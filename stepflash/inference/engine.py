@@ -15,8 +15,18 @@ Everything runs the model's own modules; `compile=True` runs decode steps throug
 with static shapes (`compile.py`, docs/inference.md).
 
 Generated tokens include the stop token that ended a request (finish_reason "stop"); logprobs are
-those of the distribution each token was drawn from (after temperature/top-k/top-p; for greedy, the
-log-softmax of the raw logits).
+those of the distribution each token was drawn from (after the grammar mask, logits processors,
+temperature/top-k/top-p; for greedy, the log-softmax of the processed logits), or with
+`SamplingParams.logprobs_mode="raw"` the log-softmax of the model's logits.
+
+Per-row logits work (grammar masks, penalties, bias, min_tokens, top logprobs) is `RowLogits`
+(`logits_process.py`); it applies at every verified position of a speculative step, so speculation
+stays exact under every constraint (a draft the grammar refuses has p = 0 and is rejected).
+
+Isolation: an error raised while deciding one row's tokens (or a row whose logits hold no finite
+distribution) fails that row alone: the batch is decided again row by row with every random stream
+restored, so the other rows get exactly the tokens they would have had; the failed row's StepOutput
+has finish_reason "error" and `error` set, and its slot is freed.
 """
 
 from __future__ import annotations
@@ -32,6 +42,7 @@ import torch
 from stepflash.errors import UserError
 from stepflash.inference.compile import CompiledDecode, bucket_of, compiler_missing
 from stepflash.inference.kv_cache import TRUNK, KVCache, mtp_group
+from stepflash.inference.logits_process import RowLogits
 from stepflash.inference.sampling import row_params, target_probs, token_logprobs, uniforms
 from stepflash.inference.scheduler import Request, SamplingParams, Scheduler
 from stepflash.inference.speculative import DraftPolicy, DraftRow, MTPDrafter, verify, verify_greedy
@@ -48,6 +59,9 @@ class StepOutput:
     new_logprobs: list[float]
     finished: bool
     finish_reason: str | None
+    error: str | None = None  # this row failed (finish_reason "error"); the others are unaffected
+    # params.logprobs = k: per new token its top k alternatives [(id, logprob)], best first
+    new_top_logprobs: list[list[tuple[int, float]]] | None = None
 
 
 @dataclass
@@ -84,6 +98,7 @@ class Engine:
         skip = all(self.cache.can_skip(mtp_group(j)) for j in range(n))
         self.policy = DraftPolicy(n, self.drafter.S, can_skip=skip) if adaptive_drafts else None
         self.scheduler = Scheduler(max_batch_size)
+        self.rows = RowLogits(max_batch_size, cfg.vocab_size, self.device)
         self._ids = itertools.count()
         self.compiled: CompiledDecode | None = None
         self.compile_note: str | None = None
@@ -105,8 +120,9 @@ class Engine:
     def add_request(self, prompt_ids: list[int], params: SamplingParams | None = None) -> int:
         params = params or SamplingParams()
         self._check(prompt_ids, params)
+        eos = frozenset() if params.ignore_eos else self.eos
         req = Request(next(self._ids), list(map(int, prompt_ids)), params,
-                      stop=self.eos | frozenset(int(t) for t in params.stop_token_ids), generator=None)
+                      stop=eos | frozenset(int(t) for t in params.stop_token_ids), generator=None)
         self.scheduler.add(req)
         return req.id
 
@@ -176,7 +192,7 @@ class Engine:
 
     # ---- internals --------------------------------------------------------------------------
     def _check(self, prompt_ids, params: SamplingParams) -> None:
-        params.check(self.config.num_nextn_predict_layers)
+        params.check(self.config.num_nextn_predict_layers, self.config.vocab_size)
         if not prompt_ids:
             raise UserError("the prompt is empty; give at least one token")
         vocab = self.config.vocab_size
@@ -196,29 +212,27 @@ class Engine:
         if prefill:
             for r in reqs:
                 self.cache.reset(r.slot)
+                self.rows.start(r.slot, r.prompt, r.params)
         lo, hi, starts, h, logits, compiled = self._trunk_forward(reqs, feeds, prefill)
-        accepted, emitted, logprobs = self._decide(reqs, logits, [] if prefill else [len(r.drafts) for r in reqs])
+        decided = self._decide_rows(reqs, logits, [len(r.drafts) if not prefill else 0 for r in reqs])
         now = time.perf_counter()
         outputs, draft_rows = [], []
-        for r, a, toks, lps in zip(reqs, accepted, emitted, logprobs):
-            start = starts[r.slot - lo]
-            # Keep the newest token and the accepted drafts in the trunk cache, drop the rejected ones.
-            self.cache.truncate(TRUNK, r.slot, start + (len(r.prompt) if prefill else 1 + a))
-            if prefill:
-                r.prefill_rate, r.t_first = sum(map(len, feeds)) / (now - t0), now
-            elif r.drafts:
-                r.verify_steps += 1
-                r.accepted += a
-                for j in range(len(r.drafts)):
-                    r.pos_tried[j] += 1
-                    r.pos_accepted[j] += j < a
-                if self.policy:
-                    self.policy.observe_verify(r, len(r.drafts), a)
-            outputs.append(self._emit(r, toks[: a + 1], lps[: a + 1], now))
-            want = 0 if r.finished else self._draft_count(r, len(reqs))
+        for r, d in zip(reqs, decided):
+            if isinstance(d, str):
+                outputs.append(self._fail(r, d))
+                continue
+            try:
+                want, out = self._accept(r, *d, start=starts[r.slot - lo], prefill=prefill, rate=sum(
+                    map(len, feeds)) / (now - t0), now=now, rows=len(reqs))
+            except Exception as e:  # noqa: BLE001 - one row's bookkeeping failing fails that row alone
+                log.exception("request %s failed", r.id)
+                outputs.append(self._fail(r, _one_line(e)))
+                continue
+            outputs.append(out)
             if want > 0:
-                draft_rows.append(DraftRow(r.slot - lo, r.slot, want, start, self.cache.lengths[TRUNK][r.slot],
-                                           r.tokens, r.params, r.generator, r.drafts))
+                draft_rows.append(DraftRow(r.slot - lo, r.slot, want, starts[r.slot - lo],
+                                           self.cache.lengths[TRUNK][r.slot], r.tokens, r.params, r.generator,
+                                           r.drafts))
         t1 = time.perf_counter()
         if not prefill and self.policy:
             self.policy.observe("verify", len(reqs), max(map(len, feeds)) - 1, t1 - t0)
@@ -227,6 +241,28 @@ class Engine:
             if not prefill and self.policy and regular:  # catch-up passes are not what drafting costs
                 self.policy.observe("draft", len(reqs), max(r.k for r in draft_rows), time.perf_counter() - t1)
         return outputs
+
+    def _accept(self, r: Request, a: int, toks: list[int], lps: list[float], tops, *, start: int, prefill: bool,
+                rate: float, now: float, rows: int) -> tuple[int, StepOutput]:
+        """A decided row: cache, statistics, emission, counts and grammar state -> (drafts wanted, output)."""
+        # Keep the newest token and the accepted drafts in the trunk cache, drop the rejected ones.
+        self.cache.truncate(TRUNK, r.slot, start + (len(r.prompt) if prefill else 1 + a))
+        if prefill:
+            r.prefill_rate, r.t_first = rate, now
+        elif r.drafts:
+            r.verify_steps += 1
+            r.accepted += a
+            for j in range(len(r.drafts)):
+                r.pos_tried[j] += 1
+                r.pos_accepted[j] += j < a
+            if self.policy:
+                self.policy.observe_verify(r, len(r.drafts), a)
+        slot = r.slot
+        out = self._emit(r, toks[: a + 1], lps[: a + 1], now, tops[1][: a + 1] if tops else None)
+        if r.finished:
+            return 0, out
+        self.rows.accepted(slot, r.params, out.new_token_ids)
+        return self._draft_count(r, rows), out
 
     def _trunk_forward(self, reqs: list[Request], feeds: list[list[int]], prefill: bool):
         """Feed each row its tokens -> (lo, hi, lengths before, h [b, T, hidden], logits [n, T or 1, V] of
@@ -271,13 +307,35 @@ class Engine:
         self.policy.rows = rows
         return self.policy.choose(r, limit, lags)
 
+    def _decide_rows(self, reqs: list[Request], logits: torch.Tensor, k: list[int]) -> list:
+        """`_decide` over the batch, per row (a, tokens, logprobs, top logprobs) or the one-line error that
+        row failed with. If the batch raises, every row is decided alone, its random stream first
+        restored: the innocent rows get exactly what the batch would have given them."""
+        states = [r.generator.get_state() if r.generator is not None else None for r in reqs]
+        try:
+            return list(zip(*self._decide(reqs, logits, k)))
+        except Exception as e:  # noqa: BLE001 - find the row(s) that fail
+            if len(reqs) == 1:
+                log.warning("request %s failed: %s", reqs[0].id, _one_line(e))
+                return [_one_line(e)]
+        out = []
+        for i, (r, state) in enumerate(zip(reqs, states)):
+            if state is not None:
+                r.generator.set_state(state)
+            try:
+                out += list(zip(*self._decide([r], logits[i: i + 1], k[i: i + 1])))
+            except Exception as e:  # noqa: BLE001
+                log.warning("request %s failed: %s", r.id, _one_line(e))
+                out.append(_one_line(e))
+        return out
+
     def _decide(self, reqs: list[Request], logits: torch.Tensor, k: list[int]):
-        """logits [n, K+1, V] at the verified positions, k[i] drafts of row i (none at prefill) ->
+        """logits [n, K+1, V] at the verified positions, k[i] drafts of row i (0 at prefill) ->
         per row: accepted draft count, the K+1 candidate tokens (accepted drafts, then the final token
-        at index a) and their logprobs, as Python lists."""
+        at index a), their logprobs, and None or (logprobs, top alternatives) for rows asking for them."""
         n, Tv, V = logits.shape
         K, dev = Tv - 1, self.device
-        k = k or [0] * n
+        raw, logits = logits, self.rows.process(reqs, logits)  # grammar masks, processors
         drafts = torch.zeros(n, K, dtype=torch.long)
         for i, r in enumerate(reqs):
             if k[i]:
@@ -287,7 +345,7 @@ class Engine:
             best = logits.float().argmax(-1)  # [n, K+1]
             a = verify_greedy(best, drafts, torch.tensor(k, device=dev))
             lp = torch.log_softmax(logits.float(), -1).gather(-1, best[..., None]).squeeze(-1)
-            return a.tolist(), best.tolist(), lp.tolist()
+            return a.tolist(), best.tolist(), *self._logprobs(reqs, raw, logits, None, best, lp)
         temp, top_k, top_p = (t.repeat_interleave(Tv) for t in row_params([r.params for r in reqs], dev))
         p = target_probs(logits.reshape(n * Tv, V), temp, top_k, top_p).reshape(n, Tv, V)
         u = uniforms([r.generator for r in reqs], [ki + 1 for ki in k], K + 1, dev)  # k accept tests + 1 draw
@@ -297,9 +355,24 @@ class Engine:
         emitted = torch.cat([drafts, torch.zeros(n, 1, dtype=torch.long, device=dev)], 1)  # [n, K+1]
         emitted[torch.arange(n, device=dev), a] = final
         lp = token_logprobs(logits.reshape(n * Tv, V), p.reshape(n * Tv, V), emitted.reshape(-1), temp <= 0)
-        return a.tolist(), emitted.tolist(), lp.reshape(n, Tv).tolist()
+        return a.tolist(), emitted.tolist(), *self._logprobs(reqs, raw, logits, p, emitted, lp.reshape(n, Tv))
 
-    def _emit(self, r: Request, tokens: list[int], logprobs: list[float], now: float) -> StepOutput:
+    def _logprobs(self, reqs, raw, logits, p, emitted, lp) -> tuple[list, list]:
+        """Token logprobs [n][K+1] and per row None or (logprobs, alternatives) for rows that ask; a
+        row in logprobs_mode "raw" gets raw logprobs for its tokens too."""
+        lp = lp.tolist()
+        if all(r.params.logprobs is None for r in reqs):
+            return lp, [None] * len(reqs)
+        tops = self.rows.top_logprobs(reqs, raw, logits, p, emitted)
+        return [t[0] if t else row for t, row in zip(tops, lp)], tops
+
+    def _fail(self, r: Request, error: str) -> StepOutput:
+        """Drop a row that failed; its StepOutput says why."""
+        r.finish_reason, r.drafts = "error", []
+        self.scheduler.release(r)
+        return StepOutput(r.id, [], [], True, "error", error=error)
+
+    def _emit(self, r: Request, tokens: list[int], logprobs: list[float], now: float, tops=None) -> StepOutput:
         """Append tokens to the request until it stops; a finished request leaves its slot."""
         new = []
         for tok, logprob in zip(tokens, logprobs):
@@ -310,7 +383,13 @@ class Engine:
         if r.finished:
             r.t_done = now
             self.scheduler.release(r)
-        return StepOutput(r.id, new, logprobs[: len(new)], r.finished, r.finish_reason)
+        return StepOutput(r.id, new, logprobs[: len(new)], r.finished, r.finish_reason,
+                          new_top_logprobs=None if tops is None else tops[: len(new)])
+
+
+def _one_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0] if text else ''}"[:500]
 
 
 def _contiguous(reqs: list[Request]) -> list[list[Request]]:

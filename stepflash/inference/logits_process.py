@@ -177,3 +177,74 @@ def top_logprobs(logprobs: torch.Tensor, token_ids: torch.Tensor, k: int):
     # Stable ordering: sort by (-logprob, id); a plain topk may order equal values arbitrarily.
     order = torch.sort(logprobs, dim=-1, descending=True, stable=True).indices[:, :k]
     return chosen, order, logprobs.gather(-1, order)
+
+
+# ---- the engine's per-row pipeline ------------------------------------------------------------------
+
+class RowLogits:
+    """What the engine does per row between the model's head and sampling: the grammar mask
+    (`structured.py`, masks along the row's drafts), the processors above, a check that the row still
+    has a finite distribution, and after sampling the top logprobs and the bookkeeping (counts, grammar
+    state). Rows that need none of it cost nothing: `process` returns the logits untouched."""
+
+    def __init__(self, max_batch_size: int, vocab_size: int, device=None):
+        self.counts = TokenCounts(max_batch_size, vocab_size, device)
+        self.words = (vocab_size + 31) // 32  # int32 words of a grammar bitmask
+
+    def start(self, slot: int, prompt: list[int], params) -> None:
+        """At prefill: the slot's counts start from the prompt (rows with processors only)."""
+        if is_active(params):
+            self.counts.reset(slot, prompt)
+
+    def accepted(self, slot: int, params, tokens: list[int]) -> None:
+        """Tokens emitted by a row that goes on (none of them a stop id): counts and grammar state."""
+        if is_active(params):
+            self.counts.add(slot, tokens)
+        grammar = _get(params, "grammar", None)
+        if grammar is not None and tokens and not grammar.consume(tokens):
+            raise RuntimeError(f"the grammar refused an emitted token: {grammar.error}")
+
+    def process(self, reqs: list, logits: torch.Tensor) -> torch.Tensor:
+        """logits [n, T, V] at the verified positions of `reqs` (Requests: params, slot, drafts, stop)
+        -> the logits to sample from. Raises if a row has no finite distribution left (NaN, +inf, or
+        every token masked): the engine then fails that row alone."""
+        grammar_rows = [i for i, r in enumerate(reqs) if _get(r.params, "grammar", None) is not None]
+        x = logits
+        if grammar_rows:
+            from stepflash.inference.structured import apply_mask
+
+            n, T, V = logits.shape
+            bits = torch.full((len(grammar_rows), T, self.words), -1, dtype=torch.int32)  # all allowed
+            for j, i in enumerate(grammar_rows):
+                reqs[i].params.grammar.masks_along_drafts(reqs[i].drafts, bits[j])
+            x = logits.float().clone()
+            rows = torch.tensor(grammar_rows, device=x.device)
+            x[rows] = apply_mask(x[rows], bits)
+        if any(is_active(r.params) for r in reqs):
+            x = apply_processors(x, [r.slot for r in reqs], [r.params for r in reqs], self.counts,
+                                 [r.stop for r in reqs], [r.drafts for r in reqs])
+        if not bool(torch.isfinite(x.amax(-1)).all()):  # amax is NaN with a NaN, -inf with nothing allowed
+            raise RuntimeError("the row's logits have no finite distribution (NaN or inf, or no token allowed)")
+        return x
+
+    @staticmethod
+    def top_logprobs(reqs: list, logits: torch.Tensor, x: torch.Tensor, probs: torch.Tensor | None,
+                     emitted: torch.Tensor) -> list:
+        """Per row: None, or (logprob of each emitted token [T], its top alternatives [T][k] as (id,
+        logprob)) for rows with `params.logprobs` set. logits [n, T, V] raw, x processed, probs [n, T, V]
+        the sampled distribution (None when every row is greedy), emitted [n, T]."""
+        out = []
+        for i, r in enumerate(reqs):
+            k = _get(r.params, "logprobs", None)
+            if k is None:
+                out.append(None)
+                continue
+            greedy = torch.full((x.shape[1],), r.params.temperature <= 0, device=x.device)
+            if _get(r.params, "logprobs_mode", "processed") == "raw":
+                lp = torch.log_softmax(logits[i].float(), -1)
+            else:
+                lp = sampled_logprobs(x[i], probs[i] if probs is not None else x[i], greedy)
+            chosen, ids, vals = top_logprobs(lp, emitted[i], k)
+            tops = [list(zip(a, b)) for a, b in zip(ids.tolist(), vals.tolist())]
+            out.append((chosen.tolist(), tops))
+        return out

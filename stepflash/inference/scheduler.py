@@ -15,10 +15,21 @@ from dataclasses import dataclass, field
 import torch
 
 from stepflash.errors import UserError
+from stepflash.inference.logits_process import LogitsParams
+
+LOGPROBS_MODES = ("processed", "raw")
 
 
 @dataclass
 class SamplingParams:
+    """One request's settings. Besides temperature/top-k/top-p, the logits processors of
+    `logits_process.py` (vLLM's meanings) and:
+    ignore_eos: the model's eos ids do not end the row (its own stop_token_ids still do);
+    logprobs: None, or k >= 0: each StepOutput carries the top k alternatives of every new token
+    (`new_top_logprobs`), in `logprobs_mode`: "processed" (the distribution the token was drawn from,
+    the engine's own logprobs) or "raw" (log-softmax of the model's logits, vLLM's default);
+    grammar: a `structured.GrammarMatcher` (one per row, it keeps the row's state): only tokens the
+    grammar allows are sampled."""
     max_new_tokens: int = 16
     temperature: float = 0.0
     top_p: float = 1.0
@@ -26,8 +37,18 @@ class SamplingParams:
     seed: int | None = None
     stop_token_ids: tuple[int, ...] | list[int] = ()
     speculative_tokens: int = 0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    min_tokens: int = 0
+    logit_bias: dict[int, float] = field(default_factory=dict)
+    banned_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+    logprobs: int | None = None
+    logprobs_mode: str = "processed"
+    grammar: object = None  # structured.GrammarMatcher
 
-    def check(self, max_speculative: int) -> None:
+    def check(self, max_speculative: int, vocab_size: int | None = None) -> None:
         if self.max_new_tokens < 1:
             raise UserError(f"max_new_tokens must be at least 1, got {self.max_new_tokens}")
         if not self.temperature >= 0:

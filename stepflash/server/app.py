@@ -49,10 +49,12 @@ def create_app(engine, tokenizer, model_name: str, *, chat_template: ChatTemplat
                max_model_len: int | None = None, vocab_size: int | None = None, eos_token_ids=None,
                api_key: str | None = None, max_batch: int | None = None, max_queue: int = 64,
                speculative_tokens: int = 0, sampling_params=None, max_body_bytes: int = 32 << 20,
-               max_prompt_tokens: int | None = None, request_workers: int = 2):
+               max_prompt_tokens: int | None = None, request_workers: int = 2, logprobs_mode: str = "raw"):
     """Build the FastAPI app. `engine` needs add_request/step/abort; `tokenizer` is a `tokenizers.Tokenizer`.
     Values left None come from `engine.model.config` (context length, vocabulary, eos ids).
-    max_prompt_tokens: longest prompt accepted (default: the context length)."""
+    max_prompt_tokens: longest prompt accepted (default: the context length). logprobs_mode: what
+    returned logprobs are, "raw" (log-softmax of the model's logits, vLLM's default) or "processed" (the
+    distribution each token was drawn from: after the grammar mask, penalties, temperature, top-k/top-p)."""
     if api_key is not None and not api_key.strip():
         raise UserError("the API key is empty; give a key, or none at all to serve without authentication")
     if sampling_params is None:
@@ -68,7 +70,7 @@ def create_app(engine, tokenizer, model_name: str, *, chat_template: ChatTemplat
     service = Service(
         runner=runner, tokenizer=tokenizer, model_name=model_name, template=chat_template or ChatTemplate(),
         max_model_len=context, vocab_size=vocab, eos_ids=eos,
-        params=ParamsBuilder(sampling_params, tokenizer, vocab, eos, speculative_tokens),
+        params=ParamsBuilder(sampling_params, tokenizer, vocab, eos, speculative_tokens, logprobs_mode),
         encoder=PromptEncoder(tokenizer, min(max_prompt_tokens or context, context)))
     workers = RequestWorkers(request_workers, max_pending=max_batch + max_queue)
 
@@ -181,6 +183,9 @@ class ServeArgs:
     max_body_mb: float = field(default=32.0, metadata={"help": "largest request body accepted, in MiB (413 beyond)"})
     max_prompt_tokens: int | None = field(default=None, metadata={
         "help": "longest prompt accepted, in tokens (default: the model's context length; 400 beyond)"})
+    logprobs_mode: str = field(default="raw", metadata={
+        "help": "returned logprobs: raw (log-softmax of the model's logits, vLLM's default) or processed (the "
+                "distribution each token was drawn from)"})
 
 
 def run(args: ServeArgs) -> int:
@@ -191,6 +196,8 @@ def run(args: ServeArgs) -> int:
     from stepflash.inference.engine import Engine
     from stepflash.tokenizer import load_tokenizer
 
+    if args.logprobs_mode not in ("raw", "processed"):
+        raise UserError(f"--logprobs-mode must be raw or processed, not {args.logprobs_mode!r}")
     for name, low in (("mtp", 0), ("max_batch", 1), ("max_queue", 0), ("port", 0), ("max_body_mb", 0.001),
                       ("max_prompt_tokens", 1)):
         if getattr(args, name) is not None and getattr(args, name) < low:
@@ -216,7 +223,8 @@ def run(args: ServeArgs) -> int:
     app = create_app(engine, tokenizer, args.model_name or _dir_name(args.checkpoint),
                      chat_template=resolve_chat_template(args.chat_template, args.checkpoint),
                      api_key=api_key, max_batch=args.max_batch, max_queue=args.max_queue, speculative_tokens=mtp,
-                     max_body_bytes=int(args.max_body_mb * (1 << 20)), max_prompt_tokens=args.max_prompt_tokens)
+                     max_body_bytes=int(args.max_body_mb * (1 << 20)), max_prompt_tokens=args.max_prompt_tokens,
+                     logprobs_mode=args.logprobs_mode)
     logging.basicConfig(level=logging.INFO)
     log.info("serving %s on http://%s:%d/v1 (batch %d, queue %d, mtp %d)", args.checkpoint, args.host, args.port,
              args.max_batch, args.max_queue, mtp)

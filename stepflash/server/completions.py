@@ -30,6 +30,7 @@ from typing import Any, AsyncIterator
 from stepflash.chat import (ChatFormatError, ChatStreamParser, ChatTemplate, ParsedReply, collect, finish_reason,
                             openai_deltas, opens_reasoning)
 from stepflash.server.errors import APIError
+from stepflash.server.logprobs import TokenBytes, chat_logprobs, completion_logprobs
 from stepflash.server.protocol import ChatCompletionRequest, CompletionRequest, SamplingFields
 from stepflash.server.runner import EngineRunner, QueueFull
 from stepflash.server.textstream import TextStream
@@ -46,6 +47,21 @@ class Choice:
     text: str = ""  # completions: all released text
     tokens: int = 0
     finish_reason: str | None = None
+    # logprobs (requests that ask): every shown token's id, logprob and top alternatives
+    lp_ids: list[int] = field(default_factory=list)
+    lp_values: list[float] = field(default_factory=list)
+    lp_tops: list = field(default_factory=list)
+    piece: tuple | None = None  # the newest event's (ids, logprobs, tops), shown tokens only
+    offset: int = 0  # completions: characters before the newest piece (text_offset)
+
+    def add_logprobs(self, ids: list[int], logprobs: list[float], tops) -> None:
+        hidden = self.stream.hidden_ids  # end-of-turn tokens are not shown in the text, nor here
+        keep = [i for i, t in enumerate(ids) if t not in hidden]
+        tops = tops or [[] for _ in ids]
+        self.piece = ([ids[i] for i in keep], [logprobs[i] for i in keep], [tops[i] for i in keep])
+        self.lp_ids += self.piece[0]
+        self.lp_values += self.piece[1]
+        self.lp_tops += self.piece[2]
 
 
 @dataclass
@@ -59,6 +75,24 @@ class Service:
     eos_ids: list[int]
     params: Any  # server.params.ParamsBuilder: request fields -> the engine's SamplingParams
     encoder: Any  # server.intake.PromptEncoder: text -> ids within the prompt limit
+    _token_bytes: Any = None
+
+    @property
+    def token_bytes(self) -> TokenBytes:
+        if self._token_bytes is None:
+            self._token_bytes = TokenBytes(self.tokenizer)
+        return self._token_bytes
+
+    def chat_logprobs(self, choice: "Choice", whole: bool = True) -> dict:
+        ids, lps, tops = (choice.lp_ids, choice.lp_values, choice.lp_tops) if whole else choice.piece
+        return chat_logprobs(self.token_bytes, ids, lps, tops)
+
+    def completion_logprobs(self, choice: "Choice", k: int, whole: bool = True) -> dict:
+        ids, lps, tops = (choice.lp_ids, choice.lp_values, choice.lp_tops) if whole else choice.piece
+        out = completion_logprobs(self.token_bytes, ids, lps, tops, choice.offset)
+        if not whole:
+            choice.offset = (out["text_offset"][-1] + len(self.token_bytes.text(ids[-1]))) if ids else choice.offset
+        return out
 
     # ---- request -> engine requests --------------------------------------------------------------
     def encode(self, text: str, param: str = "prompt") -> list[int]:
@@ -123,8 +157,11 @@ class Service:
                 choice = choices[index]
                 if choice.finish_reason is not None:
                     continue
+                choice.piece = None
                 if kind == "tokens":
                     choice.tokens += len(payload[0])
+                    if len(payload) > 2 and payload[2] is not None:
+                        choice.add_logprobs(*payload)
                     text = choice.stream.push(payload[0])
                     if choice.stream.stopped:  # a stop string: end this choice now
                         self.runner.cancel(handles[index], status="ok")
@@ -169,8 +206,10 @@ class Service:
             collect(choice.parser.feed(text), choice.reply)
             if choice.finish_reason is not None:
                 collect(choice.parser.finish(), choice.reply)
+        lp = req.top_logprobs_wanted() is not None
         return {"id": _id("chatcmpl"), "object": "chat.completion", "created": int(time.time()),
-                "model": self.model_name, "choices": [_chat_choice(c) for c in choices],
+                "model": self.model_name,
+                "choices": [_chat_choice(c, self.chat_logprobs(c) if lp else None) for c in choices],
                 "usage": _usage(prompt_tokens, choices)}
 
     async def chat_stream(self, req: ChatCompletionRequest, started) -> AsyncIterator[str]:
@@ -185,8 +224,15 @@ class Service:
                 events = choice.parser.feed(text)
                 if choice.finish_reason is not None:
                     events += choice.parser.finish()
-                for delta in openai_deltas(events):
-                    yield _sse({**head, "choices": [{"index": choice.index, "delta": delta, "finish_reason": None}]})
+                deltas = openai_deltas(events)
+                logprobs = self.chat_logprobs(choice, whole=False) if choice.piece and choice.piece[0] else None
+                if logprobs and not deltas:  # tokens whose text is held back still show their logprobs
+                    deltas = [{}]
+                for delta in deltas:
+                    item = {"index": choice.index, "delta": delta, "finish_reason": None}
+                    if logprobs:
+                        item["logprobs"], logprobs = logprobs, None
+                    yield _sse({**head, "choices": [item]})
                 if choice.finish_reason is not None:
                     yield _sse({**head, "choices": [{"index": choice.index, "delta": {},
                                                      "finish_reason": _chat_finish(choice)}]})
@@ -216,24 +262,32 @@ class Service:
 
     async def completion(self, req: CompletionRequest, request, started=None) -> dict:
         handles, choices, prompt_tokens = started or self.start_completion(req)
+        for c in choices:
+            c.offset = len(c.text)  # echo: offsets count the prompt's characters too
         async for choice, text in self._run(handles, choices, request):
             choice.text += text
+        k = req.top_logprobs_wanted()
         return {"id": _id("cmpl"), "object": "text_completion", "created": int(time.time()),
                 "model": self.model_name, "usage": _usage(prompt_tokens, choices),
-                "choices": [{"index": c.index, "text": c.text, "logprobs": None, "finish_reason": c.finish_reason}
-                            for c in choices]}
+                "choices": [{"index": c.index, "text": c.text, "finish_reason": c.finish_reason,
+                             "logprobs": None if k is None else self.completion_logprobs(c, k)} for c in choices]}
 
     async def completion_stream(self, req: CompletionRequest, started) -> AsyncIterator[str]:
         handles, choices, prompt_tokens = started
         head = {"id": _id("cmpl"), "object": "text_completion", "created": int(time.time()), "model": self.model_name}
+        k = req.top_logprobs_wanted()
         for c in choices:
+            c.offset = len(c.text)
             if c.text:  # echo
                 yield _sse({**head, "choices": [{"index": c.index, "text": c.text, "logprobs": None,
                                                  "finish_reason": None}]})
         try:
             async for choice, text in self._run(handles, choices):
-                if text or choice.finish_reason is not None:
-                    yield _sse({**head, "choices": [{"index": choice.index, "text": text, "logprobs": None,
+                logprobs = None
+                if k is not None and choice.piece and choice.piece[0]:
+                    logprobs = self.completion_logprobs(choice, k, whole=False)
+                if text or logprobs or choice.finish_reason is not None:
+                    yield _sse({**head, "choices": [{"index": choice.index, "text": text, "logprobs": logprobs,
                                                      "finish_reason": choice.finish_reason}]})
         except APIError as e:
             yield _sse(e.body())
@@ -271,10 +325,10 @@ def _chat_finish(choice: Choice) -> str:
     return finish_reason(choice.finish_reason, choice.parser.num_calls)
 
 
-def _chat_choice(choice: Choice) -> dict:
+def _chat_choice(choice: Choice, logprobs: dict | None = None) -> dict:
     reply = choice.reply
     message = {"role": "assistant", "content": reply.content, "reasoning_content": reply.reasoning_content}
     if reply.tool_calls:
         message["tool_calls"] = reply.tool_calls
-    return {"index": choice.index, "message": message, "logprobs": None, "finish_reason": _chat_finish(choice)}
+    return {"index": choice.index, "message": message, "logprobs": logprobs, "finish_reason": _chat_finish(choice)}
 

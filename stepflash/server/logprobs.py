@@ -11,7 +11,7 @@ incomplete character, as vLLM shows them. "text_offset" counts the characters co
 token. JSON has no -inf: a logprob below -9999 (a token outside top-k/top-p) is written as -9999.0, as
 vLLM does. What a logprob means is defined in `inference/logits_process.py` (the distribution sampled from).
 
-Phase 2 of issue #12 calls these from completions.py once the engine returns top logprobs.
+completions.py calls these with the engine's `StepOutput.new_top_logprobs`.
 """
 
 from __future__ import annotations

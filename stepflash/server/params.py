@@ -14,6 +14,7 @@ a field (the wiring of issue #12, see docs/server.md) the server passes it on wi
       logprobs (completions)
     response_format json_*, tool_choice           grammar                a `structured.GrammarMatcher`,
       "required" / named                                                 one per row
+    (server setting --logprobs-mode)              logprobs_mode          "raw" (vLLM's default) / "processed"
 
 Values the engine cannot represent are mapped or refused here: a temperature in (0, 0.01) becomes
 0.01 (vLLM's `_MAX_TEMP`: smaller ones overflow fp32 logits), top_k -1 or >= the vocabulary means off,
@@ -47,6 +48,10 @@ OPTIONAL_FEATURES = {
 }
 
 
+def param_name(forced_tools: bool) -> str:
+    return "tool_choice" if forced_tools else "response_format"
+
+
 def engine_fields(make_params) -> set[str]:
     if dataclasses.is_dataclass(make_params):
         return {f.name for f in dataclasses.fields(make_params)}
@@ -54,12 +59,14 @@ def engine_fields(make_params) -> set[str]:
 
 
 class ParamsBuilder:
-    def __init__(self, make_params, tokenizer, vocab_size: int, eos_ids: list[int], speculative_tokens: int = 0):
+    def __init__(self, make_params, tokenizer, vocab_size: int, eos_ids: list[int], speculative_tokens: int = 0,
+                 logprobs_mode: str = "raw"):
         self.make_params = make_params
         self.fields = engine_fields(make_params)
         self.tokenizer, self.vocab_size = tokenizer, vocab_size
         self.eos_ids = list(eos_ids)
         self.speculative_tokens = speculative_tokens
+        self.logprobs_mode = logprobs_mode
         self._compiler = None
         self._lock = threading.Lock()
 
@@ -82,7 +89,10 @@ class ParamsBuilder:
         fmt = req.response_format.type if req.response_format else "text"
         if not forced and fmt == "text":
             return None
-        param = "tool_choice" if forced else "response_format"
+        if req.ignore_eos:  # a complete grammar allows only the stop ids, which ignore_eos would not stop on
+            raise APIError(400, f"ignore_eos: cannot be combined with a constraining {param_name(forced)}",
+                           param="ignore_eos")
+        param = param_name(forced)
         if "grammar" not in self.fields:
             raise APIError(400, f"{param}: constrained decoding is not supported by this server's engine yet",
                            param=param, code="unsupported_parameter")
@@ -115,6 +125,8 @@ class ParamsBuilder:
         if isinstance(req, ChatCompletionRequest) and req.tool_choice == "none" and "banned_token_ids" in self.fields:
             call_id = self.tokenizer.token_to_id(CALL_START)
             kwargs["banned_token_ids"] = () if call_id is None else (call_id,)
+        if kwargs.get("logprobs") is not None and "logprobs_mode" in self.fields:
+            kwargs["logprobs_mode"] = self.logprobs_mode
         temperature = 1.0 if req.temperature is None else req.temperature
         top_k = req.top_k or 0
         base = dict(max_new_tokens=max_tokens, temperature=MIN_TEMPERATURE if 0 < temperature < MIN_TEMPERATURE
@@ -136,6 +148,6 @@ class ParamsBuilder:
         if check is None:
             return
         try:
-            check(self.speculative_tokens)
+            check(self.speculative_tokens, self.vocab_size)
         except UserError as e:  # the engine's own limits: refuse here, before the row enters the engine
             raise APIError(400, str(e)) from None

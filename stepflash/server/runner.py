@@ -88,7 +88,7 @@ class EngineRunner:
 
     def submit_many(self, requests: list[tuple[list[int], Any]]) -> list[RequestHandle]:
         """Queue the choices of one HTTP request, all or none. Their events arrive on one asyncio queue
-        (`handles[0].events`) as (index, "tokens", ids, logprobs) | (index, "finish", reason) |
+        (`handles[0].events`) as (index, "tokens", ids, logprobs, top logprobs or None) | (index, "finish", reason) |
         (index, "error", message)."""
         loop, events = asyncio.get_running_loop(), asyncio.Queue()
         with self._cond:
@@ -177,7 +177,8 @@ class EngineRunner:
                     self.metrics.ttft.observe(now - handle.submitted_at)
                 self.metrics.generation_tokens.inc(len(out.new_token_ids))
                 self.metrics.observe_accepted(len(out.new_token_ids) - 1)
-                handle._put(("tokens", list(out.new_token_ids), list(out.new_logprobs or [])))
+                handle._put(("tokens", list(out.new_token_ids), list(out.new_logprobs or []),
+                             getattr(out, "new_top_logprobs", None)))
             if out.finished:
                 del self._running[out.request_id]
                 handle._put(("finish", out.finish_reason or "stop"))
