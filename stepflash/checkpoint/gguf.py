@@ -27,6 +27,7 @@ from collections.abc import Callable
 import gguf  # the PyPI package (absolute import), not this module
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from stepflash.config import FULL, SLIDING, Step35Config
 from stepflash.errors import UserError
@@ -211,10 +212,14 @@ def export_gguf(src: str, out: str, dtype: str, tensors: TensorSource, cfg: Step
         w.write_header_to_file()
         w.write_kv_data_to_file()
         w.write_ti_data_to_file()
-        for out_name, shape, qtype, load in plan:
-            data = load().detach().to(torch.float32).contiguous().numpy()  # [shape] as stored, fp32
-            assert data.shape == shape, f"{out_name}: loaded {data.shape}, planned {shape}"
-            w.write_tensor_data(gguf.quants.quantize(data, qtype))
+        # A bar on a terminal only (disable=None), in elements: big tensors dominate the time.
+        with tqdm(total=sum(int(np.prod(shape)) for _, shape, _, _ in plan), desc=f"writing {os.path.basename(out)}",
+                  unit="param", unit_scale=True, disable=None) as bar:
+            for out_name, shape, qtype, load in plan:
+                data = load().detach().to(torch.float32).contiguous().numpy()  # [shape] as stored, fp32
+                assert data.shape == shape, f"{out_name}: loaded {data.shape}, planned {shape}"
+                w.write_tensor_data(gguf.quants.quantize(data, qtype))
+                bar.update(data.size)
     except BaseException:
         w.close()
         if os.path.exists(tmp):

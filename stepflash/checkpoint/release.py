@@ -22,6 +22,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
+from tqdm import tqdm
 
 from stepflash.config import Step35Config
 from stepflash.model import Step35ForCausalLM
@@ -167,7 +168,7 @@ def save_model(model: Step35ForCausalLM, path: str, max_shard_size: int | str = 
         _atomic_save_file(shards[0], os.path.join(path, SINGLE_NAME), meta)
     else:
         weight_map, total = {}, 0
-        for k, shard in enumerate(shards):
+        for k, shard in enumerate(tqdm(shards, desc=f"saving {path}", unit="shard", disable=None)):  # a terminal only
             fname = f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors"
             _atomic_save_file(shard, os.path.join(path, fname), meta)
             for name, t in shard.items():
