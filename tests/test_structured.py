@@ -252,7 +252,8 @@ def test_batched_masks_along_drafts_equal_fresh_matchers(compiler, parallel):
     grammar = compiler.json_schema(SCHEMA)
     done = TOK.encode('{"name": "fox", "age": 2, "ok": true}').ids
     prefixes = [[], TOK.encode('{"name": "').ids, TOK.encode('{"na').ids, done[:-2], done[:-1]]
-    drafts = [[], TOK.encode("fox jumps").ids[:3], TOK.encode("x").ids[:1], done[-2:] + [STOPS[0]], done[-1:] + [STOPS[1], 7]]
+    drafts = [[], TOK.encode("fox jumps").ids[:3], TOK.encode("x").ids[:1], done[-2:] + [STOPS[0]],
+              done[-1:] + [STOPS[1], 7]]
     matchers = [compiler.matcher(grammar) for _ in prefixes]
     for m, p in zip(matchers, prefixes):
         assert m.consume(p)
@@ -261,8 +262,9 @@ def test_batched_masks_along_drafts_equal_fresh_matchers(compiler, parallel):
     masks_along_drafts(matchers, drafts, out, parallel=parallel)
     decided = [0] * len(drafts)
     for i, (p, d) in enumerate(zip(prefixes, drafts)):
-        ends = next((t for t in range(len(d)) if d[t] in STOPS or direct_mask(compiler, grammar, p + d[: t + 1]) is None),
-                    len(d))  # the last position decided: a stop id or a refused draft comes next
+        # the last position decided: a stop id or a refused draft comes next
+        ends = next((t for t in range(len(d))
+                     if d[t] in STOPS or direct_mask(compiler, grammar, p + d[: t + 1]) is None), len(d))
         for t in range(T):
             want = direct_mask(compiler, grammar, p + d[:t]) if t <= ends else None
             assert torch.equal(out[i, t], want if want is not None else torch.full_like(out[i, t], -1)), (i, t)
