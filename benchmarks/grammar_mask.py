@@ -26,7 +26,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from stepflash.inference.structured import GrammarCompiler, apply_mask  # noqa: E402
+from stepflash.inference.structured import GrammarCompiler, masked_logits  # noqa: E402
 from stepflash.tokenizer import train_tokenizer  # noqa: E402
 
 # Two JSON schemas: strings bounded by maxLength (the lexer checks every token against the bound) and plain
@@ -119,7 +119,7 @@ def _walk(fill, consume, bits, steps, vocab, seed, stops, matcher):
         t0 = time.perf_counter()
         fill()
         t1 = time.perf_counter()
-        logits = apply_mask(torch.randn(vocab, generator=g), bits)
+        logits = masked_logits(torch.randn(vocab, generator=g), bits)
         tok = int(torch.multinomial(torch.softmax(logits, -1), 1, generator=g))
         if tok in stops:  # complete: start the grammar over
             matcher.reset()

@@ -11,8 +11,11 @@ carries text; requests/s over the whole wall time of a concurrency level. Usage:
 --structured: the cost of structured output instead. The same requests at `--max-batch` concurrent
 clients (non-streaming completions), without and with a JSON schema (`response_format`, a grammar mask
 per row and step), interleaved `--repeats` times; generated tokens/s over the wall time, best of the
-repeats, and the ratio. The schema's one free string lets random weights write until max_tokens, so
-both sides generate about as many tokens (tokens/s counts what each really generated).
+repeats, and the ratio (and the median of the per-repeat ratios, which a busy machine moves less).
+The schema's one free string lets random weights write until max_tokens, so
+both sides generate about as many tokens (tokens/s counts what each really generated). With
+--in-engine the same comparison runs through `Engine.step` in this process, and also reports the time
+the engine spends per step on its per-row logits work (grammar masks, masking, consume).
 """
 
 import argparse
@@ -100,15 +103,75 @@ async def structured_level(url, model, clients, total, max_tokens, schema: bool)
 
 
 def structured(url, a) -> None:
-    best = {False: 0.0, True: 0.0}
-    for _ in range(a.repeats):
-        for schema in (False, True):
+    rates = {False: [], True: []}
+    for r in range(a.repeats):
+        for schema in (False, True) if r % 2 == 0 else (True, False):  # alternate which side runs first
             n, wall = asyncio.run(structured_level(url, "bench", a.max_batch, a.requests, a.max_tokens, schema))
-            best[schema] = max(best[schema], n / wall)
+            rates[schema].append(n / wall)
+    report(a, rates)
+
+
+def report(a, rates, extra: str = "") -> None:
+    best = {k: max(v) for k, v in rates.items()}
+    pairs = statistics.median(s / p for p, s in zip(rates[False], rates[True]))  # each pair ran back to back
     print(f"load average: {os.getloadavg()[0]:.2f} (1 min)")
-    print("| requests | tokens/s plain (ignore_eos) | tokens/s JSON schema | schema / plain |")
-    print("|---|---|---|---|")
-    print(f"| {a.requests} x {a.repeats} | {best[False]:.1f} | {best[True]:.1f} | {best[True] / best[False]:.3f} |")
+    print("| requests | tokens/s plain (ignore_eos) | tokens/s JSON schema | schema / plain | paired ratios, median |")
+    print("|---|---|---|---|---|")
+    print(f"| {a.requests} x {a.repeats} | {best[False]:.1f} | {best[True]:.1f} | {best[True] / best[False]:.3f} | "
+          f"{pairs:.3f} |")
+    if extra:
+        print(extra)
+
+
+def structured_in_engine(path: str, a) -> None:
+    """--structured --in-engine: the same comparison through `Engine.step` in this process (no HTTP, no
+    event loop), and the time the engine spends in its per-row logits work (`RowLogits.process` and
+    `.accepted`: grammar masks, masking, consume) per step, which the busy machine blurs far less."""
+    from stepflash.checkpoint import load_model
+    from stepflash.inference.engine import Engine, SamplingParams
+    from stepflash.inference.structured import GrammarCompiler
+    from stepflash.tokenizer import load_tokenizer
+
+    model, tok = load_model(path).eval(), load_tokenizer(path)
+    engine = Engine(model, max_batch_size=a.max_batch)
+    compiler = GrammarCompiler(tok, model.config.vocab_size, list(model.config.eos_token_ids))
+    grammar = compiler.json_schema(SCHEMA)
+    spent = [0.0]
+
+    def timed(f):
+        def run(*args):
+            t0 = time.perf_counter()
+            try:
+                return f(*args)
+            finally:
+                spent[0] += time.perf_counter() - t0
+        return run
+
+    engine.rows.process, engine.rows.accepted = timed(engine.rows.process), timed(engine.rows.accepted)
+
+    def once(schema: bool) -> tuple[float, float, float]:
+        ids = [engine.add_request(tok.encode(PROMPTS[i % len(PROMPTS)]).ids, SamplingParams(
+            max_new_tokens=a.max_tokens, speculative_tokens=a.mtp,
+            **({"grammar": compiler.matcher(grammar)} if schema else {"ignore_eos": True})))
+            for i in range(a.requests)]
+        reqs = [engine.scheduler.requests[i] for i in ids]  # finished requests leave the scheduler
+        spent[0], steps, t0 = 0.0, 0, time.perf_counter()
+        while engine.has_unfinished():
+            engine.step()
+            steps += 1
+        wall = time.perf_counter() - t0
+        return sum(len(r.output) for r in reqs) / wall, spent[0] / steps, wall / steps
+
+    once(False), once(True)  # warm-up
+    rates, work, step = {False: [], True: []}, {False: [], True: []}, {False: [], True: []}
+    for r in range(a.repeats):
+        for schema in (False, True) if r % 2 == 0 else (True, False):
+            rate, w, s = once(schema)
+            rates[schema].append(rate), work[schema].append(w), step[schema].append(s)
+    w = {k: min(v) * 1e3 for k, v in work.items()}
+    report(a, rates, f"per-row logits work per step (best): plain {w[False]:.3f} ms, schema {w[True]:.3f} ms; "
+                     f"the difference is {(w[True] - w[False]) / (min(step[False]) * 1e3):.1%} of a plain step "
+                     f"({min(step[False]) * 1e3:.2f} ms)")
 
 
 def main():
@@ -122,12 +185,17 @@ def main():
     ap.add_argument("--mtp", type=int, default=0)
     ap.add_argument("--structured", action="store_true", help="tokens/s with and without a JSON schema")
     ap.add_argument("--repeats", type=int, default=3, help="--structured: interleaved runs, best of")
+    ap.add_argument("--in-engine", action="store_true", help="--structured through Engine.step, no server")
     a = ap.parse_args()
 
     tmp = tempfile.TemporaryDirectory()
     path = a.checkpoint or os.path.join(tmp.name, a.preset)
     if not a.checkpoint:
         build_checkpoint(a.preset, path)
+    if a.structured and a.in_engine:
+        print(f"checkpoint: {a.checkpoint or 'random ' + a.preset}; max_tokens {a.max_tokens}, max_batch "
+              f"{a.max_batch}, mtp {a.mtp}, greedy, in-engine; torch threads {torch.get_num_threads()}")
+        return structured_in_engine(path, a)
     port = free_port()
     server = subprocess.Popen([sys.executable, "-m", "stepflash.cli", "serve", path, "--port", str(port),
                                "--max-batch", str(a.max_batch), "--max-queue", "256", "--mtp", str(a.mtp),

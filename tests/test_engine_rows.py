@@ -222,3 +222,31 @@ def test_grammar_rows_with_continuous_batching(grammar_model, compiler):
         ok = compiler.matcher(grammar).validate([t for t in toks if t not in STOPS])
         assert ok == len([t for t in toks if t not in STOPS]), TOK.decode(toks)
     assert any(isinstance(_json(r[0]), dict) for r in results)
+
+
+@pytest.mark.parametrize("poison", [False, True])
+def test_masks_overlapped_with_the_forward_equal_the_inline_path(grammar_model, compiler, poison):
+    """On an accelerator the grammar masks are computed in a worker thread through llguidance's parallel
+    executor while the forward runs (`RowLogits.overlap`); forced on here, on the CPU. With MTP drafts
+    every step, mixed temperatures and an unconstrained row, every token and logprob equals the inline
+    path; a row whose grammar raises fails alone there too."""
+    grammar = compiler.json_schema(SCHEMA)
+    prompts = prompts_of(4, 6, 3, 5, vocab=V)
+
+    def rows():
+        out = [(p, SamplingParams(max_new_tokens=120, temperature=t, seed=i, speculative_tokens=3,
+                                  grammar=compiler.matcher(grammar)))
+               for i, (p, t) in enumerate(zip(prompts, (0.0, 1.0, 0.7)))]
+        return out + [(prompts[3], SamplingParams(max_new_tokens=30, temperature=1.0, seed=3, speculative_tokens=2))]
+
+    results = []
+    for overlap in (False, True):
+        engine = Engine(grammar_model, max_batch_size=4, adaptive_drafts=False)
+        engine.eos, engine.rows.overlap = frozenset(STOPS), overlap
+        batch = rows()
+        if poison:
+            batch[1][1].grammar = ExplodingGrammar(after=3)
+        results.append(run(engine, batch))
+    assert results[0] == results[1]
+    assert [r[3] for r in results[1][:3]] == ["stop", "error" if poison else "stop", "stop"]
+    assert all(valid(_json(results[1][i][0]), SCHEMA) for i in ((0, 2) if poison else (0, 1, 2)))

@@ -9,13 +9,14 @@ drafted, verified with the masks along the drafts, the rejected ones rolled back
 
 import json
 
+import llguidance
 import pytest
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from stepflash.chat import parse_chat_output
 from stepflash.errors import UserError
-from stepflash.inference.structured import GrammarCompiler, apply_mask, bitmask_to_bool
+from stepflash.inference.structured import GrammarCompiler, bitmask_to_bool, masked_logits, masks_along_drafts
 from stepflash.tokenizer import train_tokenizer
 
 TEXT = ["The quick brown fox jumps over the lazy dog. Weather in Paris: sunny, 23 degrees. {\"a\": 1, \"b\": [true, "
@@ -78,7 +79,7 @@ def walk(compiler, grammar, seed, masked=True, max_tokens=250):
         logits = torch.randn(V, generator=g) * 3
         if masked:
             m.fill_mask(bits)
-            apply_mask(logits, bits)
+            logits = masked_logits(logits, bits)
         tok = int(torch.multinomial(torch.softmax(logits, -1), 1, generator=g))
         out.append(tok)
         if tok in STOPS:
@@ -198,7 +199,7 @@ def test_speculative_drafts_masked_verified_and_rolled_back(compiler):
                 m.fill_mask(bits[0])
                 if m.is_stopped:
                     break
-                tok = int(torch.multinomial(torch.softmax(apply_mask(torch.randn(V, generator=g), bits[0]), -1), 1,
+                tok = int(torch.multinomial(torch.softmax(masked_logits(torch.randn(V, generator=g), bits[0]), -1), 1,
                                             generator=g))
                 if tok in STOPS:
                     break
@@ -212,7 +213,7 @@ def test_speculative_drafts_masked_verified_and_rolled_back(compiler):
             m.fill_mask(after)
             assert torch.equal(before, after) and torch.equal(bits[0], before)  # state unchanged
             accepted = int(torch.randint(0, len(drafts) + 1, (1,), generator=g))
-            final_logits = apply_mask(torch.randn(V, generator=g), bits[accepted])
+            final_logits = masked_logits(torch.randn(V, generator=g), bits[accepted])
             final = int(torch.multinomial(torch.softmax(final_logits, -1), 1, generator=g))
             assert m.consume(drafts[:accepted])
             out += drafts[:accepted] + [final]
@@ -232,6 +233,64 @@ def test_a_refused_draft_is_cut_and_leaves_the_matcher_usable(compiler):
     assert not m.error and m.consume(TOK.encode('{"a": 1}').ids)
 
 
+def direct_mask(compiler, grammar, prefix):
+    """The mask after `prefix` from a matcher built here with llguidance (no cache, copy or rollback),
+    or None where the grammar refuses the prefix."""
+    m = llguidance.LLMatcher(compiler.ll_tokenizer, grammar.source, log_level=0)
+    if m.validate_tokens(prefix) < len(prefix) or not m.consume_tokens(prefix):
+        return None
+    bits = torch.zeros((V + 31) // 32, dtype=torch.int32)
+    m.unsafe_compute_mask_ptr(bits.data_ptr(), bits.numel() * 4)
+    return bits
+
+
+@pytest.mark.parametrize("parallel", [False, True])
+def test_batched_masks_along_drafts_equal_fresh_matchers(compiler, parallel):
+    """Rows of the engine's batch: no drafts, valid drafts, a refused draft, a stop id drafted where the
+    JSON is complete (a consumed stop id cannot be rolled back; this raised before), drafts running
+    past the end. Each written mask equals a matcher built directly; positions not decided stay -1."""
+    grammar = compiler.json_schema(SCHEMA)
+    done = TOK.encode('{"name": "fox", "age": 2, "ok": true}').ids
+    prefixes = [[], TOK.encode('{"name": "').ids, TOK.encode('{"na').ids, done[:-2], done[:-1]]
+    drafts = [[], TOK.encode("fox jumps").ids[:3], TOK.encode("x").ids[:1], done[-2:] + [STOPS[0]],
+              done[-1:] + [STOPS[1], 7]]
+    matchers = [compiler.matcher(grammar) for _ in prefixes]
+    for m, p in zip(matchers, prefixes):
+        assert m.consume(p)
+    T = 1 + max(map(len, drafts))
+    out = torch.full((len(matchers), T, matchers[0].words), -1, dtype=torch.int32)
+    masks_along_drafts(matchers, drafts, out, parallel=parallel)
+    decided = [0] * len(drafts)
+    for i, (p, d) in enumerate(zip(prefixes, drafts)):
+        # the last position decided: a stop id or a refused draft comes next
+        ends = next((t for t in range(len(d))
+                     if d[t] in STOPS or direct_mask(compiler, grammar, p + d[: t + 1]) is None), len(d))
+        for t in range(T):
+            want = direct_mask(compiler, grammar, p + d[:t]) if t <= ends else None
+            assert torch.equal(out[i, t], want if want is not None else torch.full_like(out[i, t], -1)), (i, t)
+            decided[i] += want is not None
+        assert torch.equal(direct_mask(compiler, grammar, p), _mask(matchers[i]))  # the state is unchanged
+    assert decided == [1, 1 + len(drafts[1]), 1, 3, 2]
+
+
+def _mask(m):
+    bits = torch.zeros(m.words, dtype=torch.int32)
+    m.fill_mask(bits)
+    return bits
+
+
+def test_cached_grammars_give_independent_fresh_matchers(compiler):
+    grammar = compiler.json_schema(SCHEMA)
+    assert compiler.json_schema(SCHEMA) is grammar  # compiled and validated once
+    a, b = compiler.matcher(grammar), compiler.matcher(grammar)
+    ids = TOK.encode('{"name": "fox"').ids
+    assert a.consume(ids)
+    assert torch.equal(_mask(a), direct_mask(compiler, grammar, ids))
+    assert torch.equal(_mask(b), direct_mask(compiler, grammar, []))  # b did not move with a
+    assert torch.equal(_mask(compiler.matcher(grammar)), direct_mask(compiler, grammar, []))
+    assert not torch.equal(_mask(a), _mask(b))  # negative control: the two states do differ
+
+
 def test_tags_as_text_when_the_tokenizer_has_no_special_tokens():
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -246,7 +305,7 @@ def test_tags_as_text_when_the_tokenizer_has_no_special_tokens():
     out = []
     while not out or out[-1] != 0:
         m.fill_mask(bits)
-        tok_id = int(torch.multinomial(torch.softmax(apply_mask(torch.randn(300, generator=g), bits), -1), 1,
+        tok_id = int(torch.multinomial(torch.softmax(masked_logits(torch.randn(300, generator=g), bits), -1), 1,
                                        generator=g))
         out.append(tok_id)
         if tok_id != 0:

@@ -213,10 +213,10 @@ class Engine:
             for r in reqs:
                 self.cache.reset(r.slot)
                 self.rows.start(r.slot, r.prompt, r.params)
+        self.rows.prefetch(reqs)  # grammar masks, computed while the forward runs
         lo, hi, starts, h, logits, compiled = self._trunk_forward(reqs, feeds, prefill)
         decided = self._decide_rows(reqs, logits, [len(r.drafts) if not prefill else 0 for r in reqs])
-        now = time.perf_counter()
-        outputs, draft_rows = [], []
+        now, outputs, draft_rows = time.perf_counter(), [], []
         for r, d in zip(reqs, decided):
             if isinstance(d, str):
                 outputs.append(self._fail(r, d))

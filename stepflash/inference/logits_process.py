@@ -28,6 +28,7 @@ prefill and adds each accepted token.
 from __future__ import annotations
 
 import math
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import torch
@@ -190,6 +191,12 @@ class RowLogits:
     def __init__(self, max_batch_size: int, vocab_size: int, device=None):
         self.counts = TokenCounts(max_batch_size, vocab_size, device)
         self.words = (vocab_size + 31) // 32  # int32 words of a grammar bitmask
+        # Grammar masks are computed while the forward runs only where the forward runs elsewhere (an
+        # accelerator): on the CPU the forward already uses every core, and handing the masks to a thread
+        # costs more than the masks (tens of µs for a batch of 8 at a small vocabulary).
+        self.overlap = device is not None and torch.device(device).type != "cpu"
+        self._pool: ThreadPoolExecutor | None = None  # computes grammar masks during the forward
+        self._pending = None  # ({request id: (row, drafts)}, Future of the masks [g, T, words])
 
     def start(self, slot: int, prompt: list[int], params) -> None:
         """At prefill: the slot's counts start from the prompt (rows with processors only)."""
@@ -211,21 +218,62 @@ class RowLogits:
         grammar_rows = [i for i, r in enumerate(reqs) if _get(r.params, "grammar", None) is not None]
         x = logits
         if grammar_rows:
-            from stepflash.inference.structured import apply_mask
+            from stepflash.inference.structured import masked_logits
 
-            n, T, V = logits.shape
-            bits = torch.full((len(grammar_rows), T, self.words), -1, dtype=torch.int32)  # all allowed
-            for j, i in enumerate(grammar_rows):
-                reqs[i].params.grammar.masks_along_drafts(reqs[i].drafts, bits[j])
-            x = logits.float().clone()
-            rows = torch.tensor(grammar_rows, device=x.device)
-            x[rows] = apply_mask(x[rows], bits)
+            bits = self._grammar_masks([reqs[i] for i in grammar_rows], logits.shape[1])  # [g, T, words]
+            if len(grammar_rows) == len(reqs):
+                x = masked_logits(logits, bits)
+            else:
+                x = logits.float().clone()
+                rows = torch.tensor(grammar_rows, device=x.device)
+                x[rows] = masked_logits(x[rows], bits)
         if any(is_active(r.params) for r in reqs):
             x = apply_processors(x, [r.slot for r in reqs], [r.params for r in reqs], self.counts,
                                  [r.stop for r in reqs], [r.drafts for r in reqs])
         if not bool(torch.isfinite(x.amax(-1)).all()):  # amax is NaN with a NaN, -inf with nothing allowed
             raise RuntimeError("the row's logits have no finite distribution (NaN or inf, or no token allowed)")
         return x
+
+    # ---- grammar masks, overlapped with the forward ----
+    def prefetch(self, reqs: list) -> None:
+        """Before the trunk forward: start the grammar rows' masks along their drafts in a worker thread
+        (llguidance's batched call releases the GIL), so the CPU computes them while the forward runs;
+        `process` takes them. Nothing may touch those rows' matchers until then (the engine does not)."""
+        self._take_prefetched()  # one a failed step left behind: finish it before the matchers move on
+        rows = [r for r in reqs if _get(r.params, "grammar", None) is not None]
+        if rows and self.overlap:
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(1, thread_name_prefix="grammar-masks")
+            T = 1 + max(len(r.drafts) for r in rows)
+            self._pending = ({r.id: (j, tuple(r.drafts)) for j, r in enumerate(rows)},
+                             self._pool.submit(self._fill_masks, rows, T))
+
+    def _take_prefetched(self):
+        pending, self._pending = self._pending, None
+        if pending is None:
+            return None, None
+        try:
+            return pending[0], pending[1].result()
+        except Exception:  # noqa: BLE001 - `process` computes again in the engine's thread and raises there
+            return None, None
+
+    def _grammar_masks(self, rows: list, T: int) -> torch.Tensor:
+        """The masks of `rows` (grammar rows) at T positions: [g, T, words], the prefetched ones where
+        they were made for these rows and drafts, else computed now."""
+        where, bits = self._take_prefetched()
+        if bits is None or bits.shape[1] > T or any(where.get(r.id, (0, None))[1] != tuple(r.drafts) for r in rows):
+            return self._fill_masks(rows, T)
+        bits = bits[[where[r.id][0] for r in rows]] if len(rows) != len(where) else bits
+        if bits.shape[1] < T:  # a compiled step pads T to its bucket
+            bits = torch.cat([bits, bits.new_full((len(rows), T - bits.shape[1], self.words), -1)], 1)
+        return bits
+
+    def _fill_masks(self, rows: list, T: int) -> torch.Tensor:
+        from stepflash.inference.structured import masks_along_drafts
+
+        bits = torch.full((len(rows), T, self.words), -1, dtype=torch.int32)  # -1: all allowed
+        masks_along_drafts([r.params.grammar for r in rows], [r.drafts for r in rows], bits, parallel=self.overlap)
+        return bits
 
     @staticmethod
     def top_logprobs(reqs: list, logits: torch.Tensor, x: torch.Tensor, probs: torch.Tensor | None,
