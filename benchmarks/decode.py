@@ -24,6 +24,7 @@ The load average is printed beside the tables: on a shared machine, compare rati
 from __future__ import annotations
 
 import argparse
+import copy
 import os
 import shutil
 import sys
@@ -199,15 +200,21 @@ def mtp_table(args, model, engine: Engine, prompts: list[list[int]]) -> None:
     print("|---|---|---|---|---|---|---|")
     base = [ours_decode(engine, [p], args.new_tokens)[1][0] for p in prompts]
     n, policy = cfg.num_nextn_predict_layers, engine.policy
+    # Oracle drafts get a policy of their own: their acceptance and their (hooked, slower) drafting
+    # must not become what the policy believes of the model's own drafts.
+    oracle_policy = copy.deepcopy(policy)
     runs = [("plain", 0, False, policy), (f"--mtp {n}, fixed", n, False, None), (f"--mtp {n}, adaptive", n, False, policy),
-            (f"--mtp {n}, fixed, oracle drafts", n, True, None), (f"--mtp {n}, adaptive, oracle drafts", n, True, policy)]
+            (f"--mtp {n}, fixed, oracle drafts", n, True, None),
+            (f"--mtp {n}, adaptive, oracle drafts", n, True, oracle_policy)]
     results: dict[str, list] = {label: [] for label, *_ in runs}
-    for rep in range(args.repeats + 1):  # the first round warms up (compiles the verify and draft shapes)
+    # The first round, as long as the others, warms up: it compiles every verify, draft and catch-up shape
+    # the runs meet (a shape first met in a timed round would time its compilation).
+    for rep in range(args.repeats + 1):
         for label, k, use_oracle, pol in runs:
             engine.policy, wall, cpu, ids, stats = pol, 0.0, 0.0, [], []
-            for p, b in zip(prompts if rep else prompts[:1], base):
+            for p, b in zip(prompts, base):
                 engine.drafter.draft_hook = oracle(p, b) if use_oracle else None
-                (w, c), out, st = ours_decode(engine, [p], args.new_tokens if rep else 8, mtp=k)
+                (w, c), out, st = ours_decode(engine, [p], args.new_tokens, mtp=k)
                 tokens = len(out[0]) - 1
                 wall, cpu, ids, stats = wall + tokens / w, cpu + tokens / c, ids + out, stats + st
             if rep:
@@ -226,7 +233,8 @@ def mtp_table(args, model, engine: Engine, prompts: list[list[int]]) -> None:
         print(f"| {label} | {fmt(rate)} | {rate[1] / plain[1]:.2f}x | {accepted:.2f} | {steps} | {acc} | "
               f"{'yes' if ids == base else 'NO'} |")
     cost = {key: min(v) * 1e3 for key, v in policy.seconds.items() if key[1] == 1}
-    print("\nstep costs the draft policy measured at batch 1 (ms, minimum of the last 16): "
+    print("\nstep costs the draft policy measured at batch 1 (ms, minimum of the last 16; a cycle is a whole "
+          "step with k drafts, what the policy compares): "
           + ", ".join(f"{kind} k={k}: {ms:.2f}" for (kind, _, k), ms in sorted(cost.items(), key=lambda x: (x[0][0], x[0][2]))))
 
 

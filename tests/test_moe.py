@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from stepflash.config import tiny
-from stepflash.model.moe import MoE, SwiGLU, moe_reference
+from stepflash.model.moe import MoE, SwiGLU, choose_path, moe_reference
 
 
 def make_moe(limit=0.5):
@@ -54,8 +54,10 @@ def test_router_bias_selects_but_does_not_weight():
     torch.testing.assert_close(w2, chosen / chosen.sum(-1, keepdim=True) * 2.0)
 
 
-@pytest.mark.parametrize("path", ["gather", "loop"])
+@pytest.mark.parametrize("path", ["gather", "loop", "grouped_mm"])
 def test_gradients_flow_to_experts_and_router(path):
+    if path == "grouped_mm" and not hasattr(torch, "_grouped_mm"):
+        pytest.skip("torch._grouped_mm is missing")
     m = make_moe()
     m.expert_path = path
     x = torch.randn(10, 64, requires_grad=True)
@@ -70,6 +72,20 @@ def test_gradients_flow_to_experts_and_router(path):
     torch.testing.assert_close(x.grad, xg, atol=1e-5, rtol=1e-4)
     for n, p in m.named_parameters():
         torch.testing.assert_close(p.grad, grads[n], atol=1e-5, rtol=1e-4, msg=n)
+
+
+@pytest.mark.skipif(not hasattr(torch, "_grouped_mm"), reason="torch._grouped_mm is missing")
+def test_cpu_training_takes_grouped_mm_and_inference_does_not():
+    """CPU fp32: the grouped kernel for eager training (autograd on), gather / loop otherwise (inference,
+    compiled decode), whatever the row count."""
+    x = torch.randn(4, 64)
+    assert choose_path(x, 80, 8) == choose_path(x, 4, 8) == "grouped_mm"
+    assert choose_path(x.bfloat16(), 80, 8) == "loop"
+    with torch.no_grad():
+        assert (choose_path(x, 4, 8), choose_path(x, 80, 8)) == ("gather", "loop")
+    seen = []
+    torch.compile(lambda t: seen.append(choose_path(t, 80, 8)) or t + 1, backend="eager")(x)
+    assert seen == ["loop"]
 
 
 def test_routing_record_and_expert_stats():
