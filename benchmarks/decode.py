@@ -232,8 +232,8 @@ def mtp_table(args, model, engine: Engine, prompts: list[list[int]]) -> None:
         acc = ", ".join(f"{a:.2f}" for a in tried) or "-"
         print(f"| {label} | {fmt(rate)} | {rate[1] / plain[1]:.2f}x | {accepted:.2f} | {steps} | {acc} | "
               f"{'yes' if ids == base else 'NO'} |")
-    cost = {key: min(v) * 1e3 for key, v in policy.seconds.items() if key[1] == 1}
-    print("\nstep costs the draft policy measured at batch 1 (ms, minimum of the last 16; a cycle is a whole "
+    cost = {key: min(v) * 1e3 for key, v in policy.seconds.items() if key[1] == 1 and len(v) >= 3}  # as the policy
+    print("\nstep costs the draft policy measured at batch 1 (ms, minimum of the last 16, where measured 3 times; a cycle is a whole "
           "step with k drafts, what the policy compares): "
           + ", ".join(f"{kind} k={k}: {ms:.2f}" for (kind, _, k), ms in sorted(cost.items(), key=lambda x: (x[0][0], x[0][2]))))
 
@@ -264,7 +264,7 @@ def main() -> None:
     ap.add_argument("--prompts", default=None, help="with --checkpoint: JSONL of prompts for the MTP table "
                     "({\"prompt_ids\": [...]}, or {\"messages\": [...]} / {\"problem\": ...} rendered with the "
                     "checkpoint's template and tokenizer); generation then stops at the model's stop tokens")
-    ap.add_argument("--mtp-prompts", type=int, default=8, help="prompts of --prompts the MTP table decodes")
+    ap.add_argument("--mtp-prompts", type=int, default=8, help="prompts the MTP table decodes (of --prompts, or random)")
     args = ap.parse_args()
     torch.manual_seed(0)
     work = tempfile.mkdtemp(prefix="decode-bench-")
@@ -299,7 +299,8 @@ def main() -> None:
         if args.prompts:
             prompts = chat_prompts(args.prompts, args.checkpoint, args.mtp_prompts)
         else:
-            prompts = torch.randint(0, cfg.vocab_size, (1, args.prompt_len), generator=torch.Generator().manual_seed(1))
+            prompts = torch.randint(0, cfg.vocab_size, (args.mtp_prompts, args.prompt_len),
+                                    generator=torch.Generator().manual_seed(1))
             prompts = prompts.tolist()
         mtp_table(args, model, engines["compiled"], prompts)
         print(f"\nload average after the MTP table: {load_average()}")
