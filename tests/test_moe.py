@@ -81,11 +81,30 @@ def test_cpu_training_takes_grouped_mm_and_inference_does_not():
     x = torch.randn(4, 64)
     assert choose_path(x, 80, 8) == choose_path(x, 4, 8) == "grouped_mm"
     assert choose_path(x.bfloat16(), 80, 8) == "loop"
+    assert choose_path(x[:0], 0, 8) == "gather"  # an expert-parallel rank that received no rows
     with torch.no_grad():
         assert (choose_path(x, 4, 8), choose_path(x, 80, 8)) == ("gather", "loop")
     seen = []
     torch.compile(lambda t: seen.append(choose_path(t, 80, 8)) or t + 1, backend="eager")(x)
     assert seen == ["loop"]
+
+
+@pytest.mark.skipif(not hasattr(torch, "_grouped_mm"), reason="torch._grouped_mm is missing")
+def test_grouped_mm_gradients_with_idle_experts_and_a_broadcast_gradient():
+    """Experts without rows and the gradient of a plain .sum() (stride 0, which the CPU kernel's backward
+    rejects unless made contiguous): the same gradients as one matmul per expert."""
+    from stepflash.model.moe import ExpertRows
+
+    weight = torch.randn(4, 8, 16, requires_grad=True)
+    rows = torch.randn(5, 16, requires_grad=True)
+    counts = torch.tensor([0, 2, 0, 3])
+    grads = []
+    for path in ("grouped_mm", "loop"):
+        ExpertRows(torch.repeat_interleave(torch.arange(4), counts), counts, path).linear(rows, weight).sum().backward()
+        grads.append((rows.grad.clone(), weight.grad.clone()))
+        rows.grad = weight.grad = None
+    for got, want in zip(*grads):
+        torch.testing.assert_close(got, want)
 
 
 def test_routing_record_and_expert_stats():

@@ -162,6 +162,28 @@ def test_draft_policy_choices():
     assert row.accept_rate == [0.8, 1.0]
 
 
+def test_draft_policy_prior_over_every_row():
+    """The acceptance of every row seen so far keeps a row of a good drafter drafting through unlucky
+    rejections, stops a bad drafter's rows early, and is where a new engine request starts."""
+    class Row:
+        def __init__(self, rates, verify_steps=1):
+            self.accept_rate, self.since_draft, self.probe_backoff, self.probing = list(rates), 0, 1, False
+            self.verify_steps = verify_steps
+
+    unlucky = [0.64, 1.0, 1.0]  # two rejections at the first draft position in a row
+    assert DraftPolicy(3, 64).choose(Row(unlucky), 3, [0, 0, 0]) == 1  # no evidence yet: the row's own rate
+    good = DraftPolicy(3, 64)
+    for _ in range(20):
+        good.observe_verify(Row([1.0] * 3), 3, 3)
+    assert good.choose(Row(unlucky), 3, [0, 0, 0]) == 3
+    bad = DraftPolicy(3, 64)
+    for _ in range(20):
+        bad.observe_verify(Row([1.0] * 3), 3, 0)
+    assert bad.prior[0] < 0.1 and bad.choose(Row([1.0] * 3), 3, [0, 0, 0]) == 0
+    fresh = Row([1.0] * 3, verify_steps=0)  # an engine request not verified yet starts at the prior
+    assert bad.choose(fresh, 3, [0, 0, 0]) == 0 and fresh.accept_rate == bad.prior
+
+
 def test_greedy_verify_equals_the_general_rule():
     torch.manual_seed(2)
     b, K, V = 64, 3, 5

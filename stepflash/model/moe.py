@@ -79,7 +79,9 @@ def _grouped_mm_ok(x: torch.Tensor) -> bool:
 def choose_path(x: torch.Tensor, num_rows: int, num_local_experts: int) -> str:
     """grouped_mm where the kernel pays (`_grouped_mm_ok`); gather while there are no more rows than experts
     (at most one copy of the experts' weights is gathered); else the per-expert loop."""
-    return "grouped_mm" if _grouped_mm_ok(x) else "gather" if num_rows <= num_local_experts else "loop"
+    if num_rows and _grouped_mm_ok(x):  # (no rows: the CPU kernel's backward fails on an empty input)
+        return "grouped_mm"
+    return "gather" if num_rows <= num_local_experts else "loop"
 
 
 @dataclass
@@ -93,7 +95,10 @@ class ExpertRows:
         """rows [M, in], weight [E_local, out, in] -> [M, out]."""
         if self.path == "grouped_mm":
             offsets = torch.cumsum(self.counts, 0).to(torch.int32)
-            return torch._grouped_mm(rows, weight.transpose(-2, -1), offs=offsets)
+            out = torch._grouped_mm(rows, weight.transpose(-2, -1), offs=offsets)
+            if out.requires_grad:  # the CPU backward rejects a broadcast gradient (e.g. of a .sum())
+                out.register_hook(torch.Tensor.contiguous)
+            return out
         if self.path == "gather":
             return torch.bmm(weight[self.expert_of_row], rows[:, :, None]).squeeze(-1)
         return _per_expert_loop(rows, weight, self.counts)
