@@ -16,7 +16,7 @@ Prints markdown tables:
    every step ("fixed") and as many as the engine's draft policy finds worth it ("adaptive"), with
    acceptance per draft position (random weights accept nothing: pass --checkpoint for a trained model);
    "oracle drafts" replaces every draft by the true greedy token (the speed when all are accepted); then
-   the verify and draft step costs the policy measured;
+   the step costs the policy measured (whole step cycles, and the verify and draft parts);
 3. KV-cache bytes per sequence at 8k and 32k tokens: the release layout (S3F1) vs all layers full.
 The load average is printed beside the tables: on a shared machine, compare ratios, not absolute rates.
 """
