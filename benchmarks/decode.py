@@ -147,7 +147,9 @@ def speed_table(args, model, engines: dict, hf, ggufs: dict) -> None:
             rate = {name: best(r) if r else None for name, r in runs.items()}
             comp = rate["compiled"]
             same = [ids["compiled"] == ids["eager"]] + ([ids["compiled"] == ids["hf"]] if rate["hf"] else [])
-            f32 = f"{sum(a == b for a, b in zip(ids['f32'], ids['compiled'][0]))}/{args.new_tokens}" if rate.get("f32") else ""
+            f32 = ""
+            if rate.get("f32"):
+                f32 = f"{sum(a == b for a, b in zip(ids['f32'], ids['compiled'][0]))}/{args.new_tokens}"
             print(f"| {threads} | {batch} | {fmt(rate['eager'])} | {fmt(comp)} | {fmt(rate['hf'])} | "
                   f"{fmt(rate.get('f32'))} | {fmt(rate.get('f16'))} | {ratio(comp, rate['eager'])} | "
                   f"{ratio(comp, rate['hf'])} | {ratio(comp, rate.get('f32'))} | {'yes' if all(same) else 'NO'}"
@@ -233,7 +235,8 @@ def mtp_table(args, model, engine: Engine, prompts: list[list[int]]) -> None:
         print(f"| {label} | {fmt(rate)} | {rate[1] / plain[1]:.2f}x | {accepted:.2f} | {steps} | {acc} | "
               f"{'yes' if ids == base else 'NO'} |")
     cost = {key: min(v) * 1e3 for key, v in policy.seconds.items() if key[1] == 1 and len(v) >= 3}  # as the policy
-    print("\nstep costs the draft policy measured at batch 1 (ms, minimum of the last 16, where measured 3 times; a cycle is a whole "
+    print("\nstep costs the draft policy measured at batch 1 (ms, minimum of the last 16, where measured 3 times; "
+          "a cycle is a whole "
           "step with k drafts, what the policy compares): "
           + ", ".join(f"{kind} k={k}: {ms:.2f}" for (kind, _, k), ms in sorted(cost.items(), key=lambda x: (x[0][0], x[0][2]))))
 
@@ -264,7 +267,8 @@ def main() -> None:
     ap.add_argument("--prompts", default=None, help="with --checkpoint: JSONL of prompts for the MTP table "
                     "({\"prompt_ids\": [...]}, or {\"messages\": [...]} / {\"problem\": ...} rendered with the "
                     "checkpoint's template and tokenizer); generation then stops at the model's stop tokens")
-    ap.add_argument("--mtp-prompts", type=int, default=8, help="prompts the MTP table decodes (of --prompts, or random)")
+    ap.add_argument("--mtp-prompts", type=int, default=8,
+                    help="prompts the MTP table decodes (of --prompts, or random)")
     args = ap.parse_args()
     torch.manual_seed(0)
     work = tempfile.mkdtemp(prefix="decode-bench-")
@@ -282,7 +286,8 @@ def main() -> None:
     if not args.prompts:
         cfg.eos_token_id = []  # every run decodes exactly --new-tokens (chat prompts stop at the reply's end)
     n_params = sum(p.numel() for p in model.parameters())
-    print(f"model: {args.checkpoint or 'random ' + args.config} ({cfg.num_hidden_layers} layers, hidden {cfg.hidden_size}, "
+    name = args.checkpoint or f"random {args.config}"
+    print(f"model: {name} ({cfg.num_hidden_layers} layers, hidden {cfg.hidden_size}, "
           f"{cfg.moe_num_experts} experts top-{cfg.moe_top_k}, vocab {cfg.vocab_size}, window {cfg.sliding_window}; "
           f"{n_params / 1e6:.1f}M parameters incl. {cfg.num_nextn_predict_layers} MTP layers), fp32, "
           f"{args.prompt_len}-token prompts, {args.new_tokens} new tokens, best of {args.repeats}; "
