@@ -2,19 +2,21 @@
 
     python benchmarks/decode.py [--config small | --checkpoint DIR [--prompts JSONL]] [--threads 1 2]
                                 [--batches 1 8] [--new-tokens 64] [--prompt-len 32] [--repeats 3] [--skip-hf]
-                                [--no-mtp] [--no-speed]
+                                [--skip-llamacpp] [--no-mtp] [--no-speed]
 
 Prints markdown tables:
 1. decode tokens/s after the prefill (greedy, equal-length prompts) at each thread count and batch size for
    the engine eager, the engine compiled (`Engine(compile=True)`), transformers with its own DynamicCache
-   in a manual loop, and llama.cpp when `benchmarks/llamacpp.py` provides `decode_tok_s` (the GGUF export
-   is built separately; without it the column says "-"). Each cell is the best of --repeats runs, the
-   implementations interleaved; rates per wall second and per CPU-second of this process (`Clock`);
+   in a manual loop, and llama.cpp (batch 1) on f32 and f16 GGUF exports of the same weights
+   (`stepflash convert`, `benchmarks/llamacpp_decode.py`; a random --config is first saved as a
+   checkpoint with a tokenizer; without llama-cpp-python the columns say "-"). Each cell is the best of
+   --repeats runs, the implementations interleaved; rates per wall second and per CPU-second of this
+   process (`Clock`; llama.cpp's threads run in this process too);
 2. MTP self-speculative decoding vs plain decoding at batch 1 on the compiled engine, drafting K tokens
    every step ("fixed") and as many as the engine's draft policy finds worth it ("adaptive"), with
    acceptance per draft position (random weights accept nothing: pass --checkpoint for a trained model);
    "oracle drafts" replaces every draft by the true greedy token (the speed when all are accepted); then
-   the verify and draft step costs the policy measured;
+   the step costs the policy measured (whole step cycles, and the verify and draft parts);
 3. KV-cache bytes per sequence at 8k and 32k tokens: the release layout (S3F1) vs all layers full.
 The load average is printed beside the tables: on a shared machine, compare ratios, not absolute rates.
 """
@@ -22,8 +24,11 @@ The load average is printed beside the tables: on a shared machine, compare rati
 from __future__ import annotations
 
 import argparse
+import copy
 import os
+import shutil
 import sys
+import tempfile
 import time
 
 import torch
@@ -31,11 +36,13 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+from stepflash.checkpoint import load_model  # noqa: E402
 from stepflash.checkpoint.hf import release_to_hf  # noqa: E402
 from stepflash.config import PRESETS, flash  # noqa: E402
 from stepflash.inference.engine import Engine, SamplingParams  # noqa: E402
 from stepflash.inference.kv_cache import cache_bytes  # noqa: E402
 from stepflash.model import Step35ForCausalLM  # noqa: E402
+from llamacpp_decode import export_ggufs, llamacpp_decode_tok_s, llamacpp_missing, make_checkpoint  # noqa: E402
 
 
 class Clock:
@@ -51,16 +58,6 @@ class Clock:
 
     def rates(self, tokens: int) -> tuple[float, float]:
         return tokens / self.wall, tokens / max(self.cpu, 1e-9)
-
-
-def llamacpp_column():
-    """`decode_tok_s(model, prompts, new_tokens, threads) -> (wall, cpu) tok/s or None` from
-    benchmarks/llamacpp.py (GGUF export + llama.cpp, maintained with the GGUF work), if present."""
-    try:
-        from llamacpp import decode_tok_s
-    except ImportError:
-        return None
-    return decode_tok_s
 
 
 def hf_twin(model: Step35ForCausalLM):
@@ -118,33 +115,54 @@ def fmt(rate) -> str:
     return "-" if rate is None else f"{rate[0]:.1f} / {rate[1]:.1f}"
 
 
-def speed_table(args, model, engines: dict, hf, llamacpp) -> None:
+def speed_table(args, model, engines: dict, hf, ggufs: dict) -> None:
+    """ggufs: {"f32": path, "f16": path} of the same weights for llama.cpp (batch 1), or {}."""
     cfg, g = model.config, torch.Generator().manual_seed(0)
-    print("| threads | batch | stepflash eager | stepflash compiled | transformers | llama.cpp | compiled / eager "
-          "(CPU) | compiled / transformers (CPU) | same tokens |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| threads | batch | stepflash eager | stepflash compiled | transformers | llama.cpp f32 | llama.cpp f16 | "
+          "compiled / eager | compiled / transformers | compiled / llama.cpp f32 | same tokens |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for threads in args.threads:
-        torch.set_num_threads(threads)
         for batch in args.batches:
+            torch.set_num_threads(threads)
             prompts = torch.randint(0, cfg.vocab_size, (batch, args.prompt_len), generator=g)
-            runs: dict[str, list] = {name: [] for name in list(engines) + ["hf"]}
-            ids = {}
+            runs = {name: [] for name in [*engines, "hf", *(ggufs if batch == 1 else ())]}
+            ids: dict[str, list] = {}
             for name, engine in engines.items():
                 ours_decode(engine, prompts.tolist(), 4)  # warm-up (compiles this batch bucket once)
-            for _ in range(args.repeats):
+            for path in ggufs.values() if batch == 1 else ():
+                llamacpp_decode_tok_s(path, prompts[0].tolist(), 4, threads)  # warm-up: load, thread pool
+            for _ in range(args.repeats):  # interleaved: a burst of load hits every column alike
                 for name, engine in engines.items():
                     rate, ids[name], _ = ours_decode(engine, prompts.tolist(), args.new_tokens)
                     runs[name].append(rate)
                 if hf is not None:
                     rate, ids["hf"] = hf_decode(*hf, prompts, args.new_tokens)
                     runs["hf"].append(rate)
-            eager, comp = best(runs["eager"]), best(runs["compiled"])
-            ref = best(runs["hf"]) if runs["hf"] else None
-            llama = llamacpp(model, prompts.tolist(), args.new_tokens, threads) if llamacpp else None
-            same = [ids["compiled"] == ids["eager"]] + ([ids["compiled"] == ids["hf"]] if ref else [])
-            print(f"| {threads} | {batch} | {fmt(eager)} | {fmt(comp)} | {fmt(ref)} | {fmt(llama)} | "
-                  f"{comp[1] / eager[1]:.2f}x | {f'{comp[1] / ref[1]:.2f}x' if ref else '-'} | "
-                  f"{'yes' if all(same) else 'NO'} |")
+                for dtype, path in ggufs.items() if batch == 1 else ():
+                    time.sleep(0.2)  # let torch's OpenMP threads stop spinning before llama.cpp's start
+                    ids[dtype] = []
+                    runs[dtype].append(llamacpp_decode_tok_s(path, prompts[0].tolist(), args.new_tokens, threads,
+                                                             ids[dtype]))
+                    time.sleep(0.2)
+            rate = {name: best(r) if r else None for name, r in runs.items()}
+            comp = rate["compiled"]
+            same = [ids["compiled"] == ids["eager"]] + ([ids["compiled"] == ids["hf"]] if rate["hf"] else [])
+            f32 = ""
+            if rate.get("f32"):
+                f32 = f"{sum(a == b for a, b in zip(ids['f32'], ids['compiled'][0]))}/{args.new_tokens}"
+            print(f"| {threads} | {batch} | {fmt(rate['eager'])} | {fmt(comp)} | {fmt(rate['hf'])} | "
+                  f"{fmt(rate.get('f32'))} | {fmt(rate.get('f16'))} | {ratio(comp, rate['eager'])} | "
+                  f"{ratio(comp, rate['hf'])} | {ratio(comp, rate.get('f32'))} | {'yes' if all(same) else 'NO'}"
+                  f"{f' (llama.cpp f32: {f32})' if f32 else ''} |")
+
+
+def load_average() -> str:
+    return " / ".join(f"{x:.2f}" for x in os.getloadavg()) + " (1 / 5 / 15 min)"
+
+
+def ratio(a, b) -> str:
+    """a / b of (wall, CPU) rates, as 'wall / CPU'."""
+    return "-" if a is None or b is None else f"{a[0] / b[0]:.2f}x / {a[1] / b[1]:.2f}x"
 
 
 def chat_prompts(path: str, checkpoint: str, n: int) -> list[list[int]]:
@@ -184,15 +202,21 @@ def mtp_table(args, model, engine: Engine, prompts: list[list[int]]) -> None:
     print("|---|---|---|---|---|---|---|")
     base = [ours_decode(engine, [p], args.new_tokens)[1][0] for p in prompts]
     n, policy = cfg.num_nextn_predict_layers, engine.policy
+    # Oracle drafts get a policy of their own: their acceptance and their (hooked, slower) drafting
+    # must not become what the policy believes of the model's own drafts.
+    oracle_policy = copy.deepcopy(policy)
     runs = [("plain", 0, False, policy), (f"--mtp {n}, fixed", n, False, None), (f"--mtp {n}, adaptive", n, False, policy),
-            (f"--mtp {n}, fixed, oracle drafts", n, True, None), (f"--mtp {n}, adaptive, oracle drafts", n, True, policy)]
+            (f"--mtp {n}, fixed, oracle drafts", n, True, None),
+            (f"--mtp {n}, adaptive, oracle drafts", n, True, oracle_policy)]
     results: dict[str, list] = {label: [] for label, *_ in runs}
-    for rep in range(args.repeats + 1):  # the first round warms up (compiles the verify and draft shapes)
+    # The first round, as long as the others, warms up: it compiles every verify, draft and catch-up shape
+    # the runs meet (a shape first met in a timed round would time its compilation).
+    for rep in range(args.repeats + 1):
         for label, k, use_oracle, pol in runs:
             engine.policy, wall, cpu, ids, stats = pol, 0.0, 0.0, [], []
-            for p, b in zip(prompts if rep else prompts[:1], base):
+            for p, b in zip(prompts, base):
                 engine.drafter.draft_hook = oracle(p, b) if use_oracle else None
-                (w, c), out, st = ours_decode(engine, [p], args.new_tokens if rep else 8, mtp=k)
+                (w, c), out, st = ours_decode(engine, [p], args.new_tokens, mtp=k)
                 tokens = len(out[0]) - 1
                 wall, cpu, ids, stats = wall + tokens / w, cpu + tokens / c, ids + out, stats + st
             if rep:
@@ -210,8 +234,10 @@ def mtp_table(args, model, engine: Engine, prompts: list[list[int]]) -> None:
         acc = ", ".join(f"{a:.2f}" for a in tried) or "-"
         print(f"| {label} | {fmt(rate)} | {rate[1] / plain[1]:.2f}x | {accepted:.2f} | {steps} | {acc} | "
               f"{'yes' if ids == base else 'NO'} |")
-    cost = {key: min(v) * 1e3 for key, v in policy.seconds.items() if key[1] == 1}
-    print("\nstep costs the draft policy measured at batch 1 (ms, minimum of the last 16): "
+    cost = {key: min(v) * 1e3 for key, v in policy.seconds.items() if key[1] == 1 and len(v) >= 3}  # as the policy
+    print("\nstep costs the draft policy measured at batch 1 (ms, minimum of the last 16, where measured 3 times; "
+          "a cycle is a whole "
+          "step with k drafts, what the policy compares): "
           + ", ".join(f"{kind} k={k}: {ms:.2f}" for (kind, _, k), ms in sorted(cost.items(), key=lambda x: (x[0][0], x[0][2]))))
 
 
@@ -235,18 +261,24 @@ def main() -> None:
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--skip-hf", action="store_true")
+    ap.add_argument("--skip-llamacpp", action="store_true")
     ap.add_argument("--no-mtp", action="store_true", help="skip the MTP table")
     ap.add_argument("--no-speed", action="store_true", help="skip the speed table")
     ap.add_argument("--prompts", default=None, help="with --checkpoint: JSONL of prompts for the MTP table "
                     "({\"prompt_ids\": [...]}, or {\"messages\": [...]} / {\"problem\": ...} rendered with the "
                     "checkpoint's template and tokenizer); generation then stops at the model's stop tokens")
-    ap.add_argument("--mtp-prompts", type=int, default=8, help="prompts of --prompts the MTP table decodes")
+    ap.add_argument("--mtp-prompts", type=int, default=8,
+                    help="prompts the MTP table decodes (of --prompts, or random)")
     args = ap.parse_args()
     torch.manual_seed(0)
-    if args.checkpoint:
-        from stepflash.checkpoint import load_model
-
-        model = load_model(args.checkpoint, dtype=torch.float32)
+    work = tempfile.mkdtemp(prefix="decode-bench-")
+    ggufs, missing = {}, None if args.skip_llamacpp or args.no_speed else llamacpp_missing()
+    checkpoint = args.checkpoint
+    if not (args.skip_llamacpp or args.no_speed or missing):  # llama.cpp reads a checkpoint's GGUF export
+        checkpoint = checkpoint or make_checkpoint(args.config, os.path.join(work, "ckpt"))
+        ggufs = export_ggufs(checkpoint, work)
+    if checkpoint:
+        model = load_model(checkpoint, dtype=torch.float32)
     else:
         model = Step35ForCausalLM(PRESETS[args.config]())
     model.eval()
@@ -254,28 +286,33 @@ def main() -> None:
     if not args.prompts:
         cfg.eos_token_id = []  # every run decodes exactly --new-tokens (chat prompts stop at the reply's end)
     n_params = sum(p.numel() for p in model.parameters())
-    print(f"model: {args.checkpoint or args.config} ({cfg.num_hidden_layers} layers, hidden {cfg.hidden_size}, "
+    name = args.checkpoint or f"random {args.config}"
+    print(f"model: {name} ({cfg.num_hidden_layers} layers, hidden {cfg.hidden_size}, "
           f"{cfg.moe_num_experts} experts top-{cfg.moe_top_k}, vocab {cfg.vocab_size}, window {cfg.sliding_window}; "
           f"{n_params / 1e6:.1f}M parameters incl. {cfg.num_nextn_predict_layers} MTP layers), fp32, "
           f"{args.prompt_len}-token prompts, {args.new_tokens} new tokens, best of {args.repeats}; "
-          f"load average {os.getloadavg()[0]:.1f} at start")
+          f"load average {os.getloadavg()[0]:.1f} at start" + (f"; no llama.cpp: {missing}" if missing else ""))
     engines = {"eager": Engine(model, max_batch_size=max(args.batches)),
                "compiled": Engine(model, max_batch_size=max(args.batches), compile=True)}
     if engines["compiled"].compiled is None:
         sys.exit(f"no compiled engine: {engines['compiled'].compile_note}")
     hf = None if args.skip_hf or args.no_speed else hf_twin(model)
     if not args.no_speed:
-        speed_table(args, model, engines, hf, llamacpp_column())
+        speed_table(args, model, engines, hf, ggufs)
+        print(f"\nload average after the speed table: {load_average()}")
     if not args.no_mtp:
         if args.prompts:
             prompts = chat_prompts(args.prompts, args.checkpoint, args.mtp_prompts)
         else:
-            prompts = torch.randint(0, cfg.vocab_size, (1, args.prompt_len), generator=torch.Generator().manual_seed(1))
+            prompts = torch.randint(0, cfg.vocab_size, (args.mtp_prompts, args.prompt_len),
+                                    generator=torch.Generator().manual_seed(1))
             prompts = prompts.tolist()
         mtp_table(args, model, engines["compiled"], prompts)
+        print(f"\nload average after the MTP table: {load_average()}")
     print(f"\ncompile time (all shapes above, this process): {engines['compiled'].compile_seconds:.0f} s; "
           f"load average at the end {os.getloadavg()[0]:.1f}")
     kv_table()
+    shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":

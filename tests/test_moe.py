@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from stepflash.config import tiny
-from stepflash.model.moe import MoE, SwiGLU, moe_reference
+from stepflash.model.moe import MoE, SwiGLU, choose_path, moe_reference
 
 
 def make_moe(limit=0.5):
@@ -54,8 +54,10 @@ def test_router_bias_selects_but_does_not_weight():
     torch.testing.assert_close(w2, chosen / chosen.sum(-1, keepdim=True) * 2.0)
 
 
-@pytest.mark.parametrize("path", ["gather", "loop"])
+@pytest.mark.parametrize("path", ["gather", "loop", "grouped_mm"])
 def test_gradients_flow_to_experts_and_router(path):
+    if path == "grouped_mm" and not hasattr(torch, "_grouped_mm"):
+        pytest.skip("torch._grouped_mm is missing")
     m = make_moe()
     m.expert_path = path
     x = torch.randn(10, 64, requires_grad=True)
@@ -70,6 +72,39 @@ def test_gradients_flow_to_experts_and_router(path):
     torch.testing.assert_close(x.grad, xg, atol=1e-5, rtol=1e-4)
     for n, p in m.named_parameters():
         torch.testing.assert_close(p.grad, grads[n], atol=1e-5, rtol=1e-4, msg=n)
+
+
+@pytest.mark.skipif(not hasattr(torch, "_grouped_mm"), reason="torch._grouped_mm is missing")
+def test_cpu_training_takes_grouped_mm_and_inference_does_not():
+    """CPU fp32: the grouped kernel for eager training (autograd on), gather / loop otherwise (inference,
+    compiled decode), whatever the row count."""
+    x = torch.randn(4, 64)
+    assert choose_path(x, 80, 8) == choose_path(x, 4, 8) == "grouped_mm"
+    assert choose_path(x.bfloat16(), 80, 8) == "loop"
+    assert choose_path(x[:0], 0, 8) == "gather"  # an expert-parallel rank that received no rows
+    with torch.no_grad():
+        assert (choose_path(x, 4, 8), choose_path(x, 80, 8)) == ("gather", "loop")
+    seen = []
+    torch.compile(lambda t: seen.append(choose_path(t, 80, 8)) or t + 1, backend="eager")(x)
+    assert seen == ["loop"]
+
+
+@pytest.mark.skipif(not hasattr(torch, "_grouped_mm"), reason="torch._grouped_mm is missing")
+def test_grouped_mm_gradients_with_idle_experts_and_a_broadcast_gradient():
+    """Experts without rows and the gradient of a plain .sum() (stride 0, which the CPU kernel's backward
+    rejects unless made contiguous): the same gradients as one matmul per expert."""
+    from stepflash.model.moe import ExpertRows
+
+    weight = torch.randn(4, 8, 16, requires_grad=True)
+    rows = torch.randn(5, 16, requires_grad=True)
+    counts = torch.tensor([0, 2, 0, 3])
+    grads = []
+    for path in ("grouped_mm", "loop"):
+        ExpertRows(torch.repeat_interleave(torch.arange(4), counts), counts, path).linear(rows, weight).sum().backward()
+        grads.append((rows.grad.clone(), weight.grad.clone()))
+        rows.grad = weight.grad = None
+    for got, want in zip(*grads):
+        torch.testing.assert_close(got, want)
 
 
 def test_routing_record_and_expert_stats():

@@ -141,9 +141,11 @@ def test_draft_policy_choices():
     assert policy.choose(Row([0.95, 0.95, 0.95]), 2, [0, 0, 0]) == 2  # never more than asked
     assert policy.choose(Row([0.9, 0.1, 0.1]), 3, [0, 0, 0]) == 1  # only the first draft pays
     # Measured costs replace the prior: drafts that cost 3x a plain step do not pay at 0.9 acceptance.
+    clock = 0.0
     for k, sec in ((0, 1.0), (1, 2.0), (2, 3.0), (3, 4.0)):
-        for _ in range(3):  # costs count once measured three times
-            policy.observe("verify", 1, k, sec)
+        for _ in range(4):  # costs count once measured three times (a cycle needs the verify before it)
+            clock += 2 * sec  # the drafting before the step and the step itself
+            policy.observe("verify", 1, k, sec, now=clock)
             policy.observe("draft", 1, k, sec)
     assert policy.choose(Row([0.9, 0.9, 0.9]), 3, [0, 0, 0]) == 0
     row = Row([0.0, 0.0, 0.0])  # a row that stopped drafting probes with one draft now and then
@@ -158,6 +160,28 @@ def test_draft_policy_choices():
     row = Row([1.0, 1.0])
     policy.observe_verify(row, 2, 0)  # first draft rejected: the second was never tested
     assert row.accept_rate == [0.8, 1.0]
+
+
+def test_draft_policy_prior_over_every_row():
+    """The acceptance of every row seen so far keeps a row of a good drafter drafting through unlucky
+    rejections, stops a bad drafter's rows early, and is where a new engine request starts."""
+    class Row:
+        def __init__(self, rates, verify_steps=1):
+            self.accept_rate, self.since_draft, self.probe_backoff, self.probing = list(rates), 0, 1, False
+            self.verify_steps = verify_steps
+
+    unlucky = [0.64, 1.0, 1.0]  # two rejections at the first draft position in a row
+    assert DraftPolicy(3, 64).choose(Row(unlucky), 3, [0, 0, 0]) == 1  # no evidence yet: the row's own rate
+    good = DraftPolicy(3, 64)
+    for _ in range(20):
+        good.observe_verify(Row([1.0] * 3), 3, 3)
+    assert good.choose(Row(unlucky), 3, [0, 0, 0]) == 3
+    bad = DraftPolicy(3, 64)
+    for _ in range(20):
+        bad.observe_verify(Row([1.0] * 3), 3, 0)
+    assert bad.prior[0] < 0.1 and bad.choose(Row([1.0] * 3), 3, [0, 0, 0]) == 0
+    fresh = Row([1.0] * 3, verify_steps=0)  # an engine request not verified yet starts at the prior
+    assert bad.choose(fresh, 3, [0, 0, 0]) == 0 and fresh.accept_rate == bad.prior
 
 
 def test_greedy_verify_equals_the_general_rule():
@@ -223,10 +247,12 @@ def exact_marginals(model, prompt, steps, params):
 
 
 def sample_firsts(model, prompt, steps, params, n, k):
-    engine = Engine(model, max_batch_size=100)
     counts = torch.zeros(steps, model.config.vocab_size, dtype=torch.float64)
     accepted = []
     for start in range(0, n, 100):
+        # A fresh engine each time: the draft policy's prior would otherwise learn, from the first batch,
+        # that drafts of this random model rarely pay, and stop drafting (the test needs drafts).
+        engine = Engine(model, max_batch_size=100)
         out = engine.generate([prompt] * 100, steps, seed=start, speculative_tokens=k, **params)
         for r in out:
             for i, t in enumerate(r.token_ids):

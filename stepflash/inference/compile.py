@@ -90,6 +90,12 @@ class CompiledDecode:
         # An MTP module j feeds the newly verified positions and j more (up to 1 + 2 x drafts); a module
         # that sat out steps catches up over up to its history's length.
         self.draft_buckets = sorted({2 * max_tokens - 1, 32, catch_up + 2 * max_tokens})
+        # Every (batch, tokens) shape of the trunk step, and every (batch, module, positions) one of the MTP
+        # step, is a graph of its own code object; dynamo's default limit (8 per code object) would send
+        # the rest eager without a word beyond a warning (max_batch_size 8 with MTP-3 has 4 x 3 x 3 MTP
+        # shapes). Raised, never lowered: the limit is global.
+        shapes = len(self.batch_buckets) * max(len(self.token_buckets), (max_tokens - 1) * len(self.draft_buckets))
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 2 * shapes)
         cuda = next(model.parameters()).device.type == "cuda"
         # CPU: the generated wrapper in C++ (a Python wrapper costs ~1 ms a step at these sizes).
         options = {"triton.cudagraphs": True} if cuda else {"cpp_wrapper": True}

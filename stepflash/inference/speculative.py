@@ -32,6 +32,7 @@ to "accept while the draft equals the argmax, then emit the argmax": plain greed
 from __future__ import annotations
 
 import collections
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -232,48 +233,75 @@ class DraftPolicy:
 
     Expected tokens of a step with k drafts: E(k) = 1 + sum_i prod_{j<=i} alpha_j, with alpha_j the
     row's acceptance rate of draft position j given the previous ones were accepted (a moving average
-    over its verify steps, starting at 1; a position is not trusted more than the one before it, which
-    also covers positions never tested). Cost of k drafts: the engine's measured time of a verify step
-    fed k drafts plus that of drafting k, over a plain step, at the same number of rows (1 + 0.6 k
-    until measured). A row that stops drafting probes with one draft after `probe_every` steps (twice as
-    long after each failed probe, up to 8x), so a run of good drafts is found again. A module that sat
-    out longer than its history (S positions) resumes where the history starts, with a gap in its
-    attention window (its layers are sliding); one with full-attention layers is run before it would
-    fall that far behind."""
+    over its verify steps; a position is not trusted more than the one before it, which also covers
+    positions never tested), mixed with `prior`, every row's acceptance (the mean over their verify steps
+    and one optimistic pseudo-step, then a moving average over the last 64), whose weight grows with its
+    evidence to 3/4 after 16 verify steps; a row not verified yet starts at the prior. So requests after
+    the first do not pay for drafts a model never gets accepted, and a row of a model that is usually
+    right does not stop drafting for `probe_every` steps after two or three unlucky rejections (on the
+    recipe's MTP checkpoint that stop made adaptive drafting 1.16x plain where fixed K=3 gave 1.33x); a
+    row whose drafts keep failing while others' pass still stops.
+
+    Cost of k drafts: the measured wall time of a step cycle with k drafts (from the end of one verify
+    step to the end of the next: drafting, verifying and the engine's bookkeeping) over that of a plain
+    step, at the same number of rows (1 + 0.6 k until measured). A row that stops drafting probes with
+    one draft after `probe_every` steps (twice as long after each failed probe, up to 8x), so a run of
+    good drafts is found again. A module that sat out longer than its history (S positions) resumes
+    where the history starts, with a gap in its attention window (its layers are sliding); one with
+    full-attention layers is run before it would fall that far behind."""
 
     def __init__(self, num_modules: int, history: int, probe_every: int = 24, rate: float = 0.2,
                  can_skip: bool = True):
         self.num_modules, self.history, self.can_skip = num_modules, history, can_skip
         self.probe_every, self.rate = probe_every, rate
-        # ("verify" | "draft", rows in the step, drafts) -> the last times; their minimum is the cost
+        # every row's acceptance per position: the mean of one optimistic pseudo-observation (1) and the
+        # observations, a moving average over the last ~`prior_window` once there are that many
+        self.prior, self.prior_seen, self.prior_window = [1.0] * num_modules, [0] * num_modules, 64
+        # ("verify" | "draft" | "cycle", rows in the step, drafts) -> the last times; their minimum is the cost
         # (other processes only ever add time, so the minimum is the least noisy estimate)
         self.seconds: dict[tuple[str, int, int], collections.deque] = {}
         self.rows = 1  # rows of the step being decided, set by the engine
+        self._last_verify: float | None = None  # clock at the last "verify" observation
 
-    def observe(self, kind: str, rows: int, k: int, seconds: float) -> None:
-        """kind "verify": a trunk step whose rows fed up to k drafts; "draft": a pass drafting up to k."""
+    def observe(self, kind: str, rows: int, k: int, seconds: float, now: float | None = None) -> None:
+        """kind "verify": a trunk step whose rows fed up to k drafts; "draft": a pass drafting up to k.
+        A "verify" also closes a cycle: the wall time since the previous one (at `now`, default the
+        clock) is what a step with k drafts costs in all: drafting them, the verify step, and the
+        engine's bookkeeping around both, which a plain step pays too (timing only the verify and
+        draft parts overstated the cost of drafting by ~15% on a 1-ms step)."""
         self.seconds.setdefault((kind, rows, k), collections.deque(maxlen=16)).append(seconds)
+        if kind == "verify":
+            now = time.perf_counter() if now is None else now
+            if self._last_verify is not None:
+                cycle = self.seconds.setdefault(("cycle", rows, k), collections.deque(maxlen=16))
+                cycle.append(now - self._last_verify)  # a prefill or an idle wait between: the minimum drops it
+            self._last_verify = now
 
     def cost(self, k: int) -> float:
         """Seconds of a step with k drafts over a plain step, at the current number of rows."""
-        parts = [self.seconds.get((kind, self.rows, n)) for kind, n in (("verify", k), ("draft", k), ("verify", 0))]
-        if not k or not all(p and len(p) >= 3 for p in parts):
+        cycles = [self.seconds.get(("cycle", self.rows, n)) for n in (k, 0)]
+        if not k or not all(c and len(c) >= 3 for c in cycles):
             return 1.0 + 0.6 * k
-        verify, draft, plain = (min(p) for p in parts)
-        return (max(verify, plain) + draft) / plain  # a wider step is never cheaper; noise can say so
+        return max(min(cycles[0]) / min(cycles[1]), 1.0)  # a wider step is never cheaper; noise can say so
 
     def observe_verify(self, r, k: int, accepted: int) -> None:
         """Row r's k drafts were verified and the first `accepted` kept."""
         for j in range(min(k, accepted + 1)):  # positions past the first rejection were not tested
-            r.accept_rate[j] += self.rate * ((1.0 if j < accepted else 0.0) - r.accept_rate[j])
+            hit = 1.0 if j < accepted else 0.0
+            r.accept_rate[j] += self.rate * (hit - r.accept_rate[j])
+            self.prior_seen[j] += 1
+            self.prior[j] += (hit - self.prior[j]) / min(self.prior_seen[j] + 1, self.prior_window)
         if r.probing:  # a failed probe doubles the wait for the next one (up to 8x)
             r.probe_backoff, r.probing = (1 if accepted else min(2 * r.probe_backoff, 8)), False
 
     def choose(self, r, limit: int, lags: list[int]) -> int:
         """Drafts for row r (at most `limit`); lags[j] = positions MTP module j is behind the trunk."""
+        if getattr(r, "verify_steps", None) == 0:  # an engine request with no estimate of its own yet
+            r.accept_rate[:] = self.prior[: len(r.accept_rate)]
         expected, keep, rate, best, best_rate = 1.0, 1.0, 1.0, 0, 1.0 / self.cost(0)
         for k in range(1, limit + 1):
-            rate = min(rate, r.accept_rate[k - 1])  # a later draft is not trusted more than an earlier one
+            w = 0.75 * min(self.prior_seen[k - 1], 16) / 16  # the prior's weight grows with its evidence
+            rate = min(rate, (1 - w) * r.accept_rate[k - 1] + w * self.prior[k - 1])  # nor a later draft more
             keep *= rate
             expected += keep
             if expected / self.cost(k) > best_rate:

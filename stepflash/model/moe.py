@@ -11,11 +11,13 @@ holding their expert, grouped by expert (`LocalDispatcher`: they stay here; the 
 
 Experts are stored stacked, as in the release ([E, inter, hidden] for gate/up, [E, hidden, inter] for
 down). `ExpertRows.linear` multiplies only the experts that received rows, in one of three ways:
-- "grouped_mm": one `torch._grouped_mm` kernel (CUDA, bf16, sm90+);
+- "grouped_mm": one `torch._grouped_mm` kernel (CUDA, bf16, sm90+; and CPU fp32 training, eager with autograd
+  on: there its backward beats the loop's per-expert autograd nodes, 1.2x on a `small` training step,
+  benchmarks/RESULTS.md);
 - "gather": each row with its own expert's matrix gathered (decode-sized batches: static shapes and no
   sorting, so a compiled decode step has no graph break and no host sync);
-- "loop": one matmul per expert that has rows (prefill and training on CPU; `torch._grouped_mm` on CPU
-  is a loop over every expert with a host sync each, and its fake kernel takes only bf16).
+- "loop": one matmul per expert that has rows (CPU prefill; and CPU training under torch.compile, where
+  the fake kernel of `torch._grouped_mm` takes only bf16).
 """
 
 from __future__ import annotations
@@ -66,15 +68,20 @@ def expert_counts(expert_ids: torch.Tensor, num_experts: int) -> torch.Tensor:
 
 
 def _grouped_mm_ok(x: torch.Tensor) -> bool:
+    if not hasattr(torch, "_grouped_mm"):
+        return False
+    if x.device.type == "cpu":  # training, eager, fp32 (module docstring); never inside a compiled graph
+        return x.dtype == torch.float32 and torch.is_grad_enabled() and not torch.compiler.is_compiling()
     # The CUDA kernel wants bf16 on sm90+.
-    return (hasattr(torch, "_grouped_mm") and x.device.type == "cuda" and x.dtype == torch.bfloat16
-            and torch.cuda.get_device_capability(x.device)[0] >= 9)
+    return x.device.type == "cuda" and x.dtype == torch.bfloat16 and torch.cuda.get_device_capability(x.device)[0] >= 9
 
 
 def choose_path(x: torch.Tensor, num_rows: int, num_local_experts: int) -> str:
-    """grouped_mm where the kernel exists; gather while there are no more rows than experts (at most one
-    copy of the experts' weights is gathered); else the per-expert loop."""
-    return "grouped_mm" if _grouped_mm_ok(x) else "gather" if num_rows <= num_local_experts else "loop"
+    """grouped_mm where the kernel pays (`_grouped_mm_ok`); gather while there are no more rows than experts
+    (at most one copy of the experts' weights is gathered); else the per-expert loop."""
+    if num_rows and _grouped_mm_ok(x):  # (no rows: the CPU kernel's backward fails on an empty input)
+        return "grouped_mm"
+    return "gather" if num_rows <= num_local_experts else "loop"
 
 
 @dataclass
@@ -88,7 +95,10 @@ class ExpertRows:
         """rows [M, in], weight [E_local, out, in] -> [M, out]."""
         if self.path == "grouped_mm":
             offsets = torch.cumsum(self.counts, 0).to(torch.int32)
-            return torch._grouped_mm(rows, weight.transpose(-2, -1), offs=offsets)
+            out = torch._grouped_mm(rows, weight.transpose(-2, -1), offs=offsets)
+            if out.requires_grad:  # the CPU backward rejects a broadcast gradient (e.g. of a .sum())
+                out.register_hook(torch.Tensor.contiguous)
+            return out
         if self.path == "gather":
             return torch.bmm(weight[self.expert_of_row], rows[:, :, None]).squeeze(-1)
         return _per_expert_loop(rows, weight, self.counts)
