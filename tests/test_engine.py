@@ -228,6 +228,15 @@ def test_user_errors(model):
         engine.add_request([1], SamplingParams(top_p=0.0))
     with pytest.raises(UserError, match="token ids"):
         engine.generate([[1, 999]], 4)
+    # the processors' own rules are checked at submission too, not first inside a batched step
+    with pytest.raises(UserError, match="outside the vocabulary"):
+        engine.add_request([1], SamplingParams(logit_bias={model.config.vocab_size: 1.0}))
+    with pytest.raises(UserError, match="logit_bias"):
+        engine.add_request([1], SamplingParams(logit_bias={3: float("nan")}))
+    with pytest.raises(UserError, match="repetition_penalty"):
+        engine.add_request([1], SamplingParams(repetition_penalty=0.0))
+    with pytest.raises(UserError, match="logprobs_mode"):
+        engine.add_request([1], SamplingParams(logprobs=1, logprobs_mode="sampled"))
     assert not engine.has_unfinished()
 
 

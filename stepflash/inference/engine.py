@@ -161,8 +161,9 @@ class Engine:
             raise UserError("prompts must be a non-empty list of token-id lists")
         reqs = []
         for i, prompt in enumerate(prompts):
-            params = SamplingParams(max_new_tokens, temperature, top_p, top_k, None if seed is None else seed + i,
-                                    tuple(stop_token_ids), speculative_tokens)
+            params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
+                                    seed=None if seed is None else seed + i, stop_token_ids=tuple(stop_token_ids),
+                                    speculative_tokens=speculative_tokens)
             reqs.append(self.scheduler.requests[self.add_request(prompt, params)])
         t0 = time.perf_counter()
         while any(not r.finished for r in reqs):

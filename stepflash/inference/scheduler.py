@@ -20,10 +20,10 @@ from stepflash.inference.logits_process import LogitsParams
 LOGPROBS_MODES = ("processed", "raw")
 
 
-@dataclass
-class SamplingParams:
-    """One request's settings. Besides temperature/top-k/top-p, the logits processors of
-    `logits_process.py` (vLLM's meanings) and:
+@dataclass(kw_only=True)  # keywords only: the fields grow, positions would shift
+class SamplingParams(LogitsParams):
+    """One request's settings. Besides temperature/top-k/top-p, the logits processors' settings
+    (inherited from `logits_process.LogitsParams`, vLLM's meanings) and:
     ignore_eos: the model's eos ids do not end the row (its own stop_token_ids still do);
     logprobs: None, or k >= 0: each StepOutput carries the top k alternatives of every new token
     (`new_top_logprobs`), in `logprobs_mode`: "processed" (the distribution the token was drawn from,
@@ -37,12 +37,6 @@ class SamplingParams:
     seed: int | None = None
     stop_token_ids: tuple[int, ...] | list[int] = ()
     speculative_tokens: int = 0
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-    repetition_penalty: float = 1.0
-    min_tokens: int = 0
-    logit_bias: dict[int, float] = field(default_factory=dict)
-    banned_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
     logprobs: int | None = None
     logprobs_mode: str = "processed"
@@ -60,6 +54,12 @@ class SamplingParams:
         if not 0 <= self.speculative_tokens <= max_speculative:
             raise UserError(f"speculative_tokens must be in 0..{max_speculative} (the model has "
                             f"{max_speculative} MTP modules), got {self.speculative_tokens}")
+        if self.logprobs is not None and self.logprobs < 0:
+            raise UserError(f"logprobs must be None or >= 0, got {self.logprobs}")
+        if self.logprobs_mode not in LOGPROBS_MODES:
+            raise UserError(f"logprobs_mode must be one of {LOGPROBS_MODES}, got {self.logprobs_mode!r}")
+        if vocab_size is not None:
+            LogitsParams.check(self, vocab_size)  # the processors' own rules
 
 
 @dataclass
