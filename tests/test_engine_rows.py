@@ -11,6 +11,7 @@ import math
 import pytest
 import torch
 from test_engine import naive_probs_rows, prompts_of, random_model
+from test_logits_process import naive
 from test_structured import SCHEMA, STOPS, TOK, V, valid
 
 from stepflash.config import tiny
@@ -106,19 +107,6 @@ def test_a_poisoned_row_fails_alone_and_innocent_rows_equal_their_solo_runs(mode
     assert again[0] == solo[0][0]
 
 
-def naive_processed(logits, prompt, output, sp):
-    x = logits.float().clone()
-    for tok, b in sp.logit_bias.items():
-        x[tok] += b
-    seen = set(prompt) | set(output)
-    for tok in range(len(x)):
-        if tok in seen:
-            x[tok] = x[tok] / sp.repetition_penalty if x[tok] > 0 else x[tok] * sp.repetition_penalty
-        c = output.count(tok)
-        x[tok] -= sp.frequency_penalty * c + sp.presence_penalty * (c > 0)
-    return x
-
-
 @pytest.mark.parametrize("spec", [0, 3])
 def test_penalties_and_bias_equal_a_naive_full_forward_loop(model, spec):
     """Greedy with vLLM's penalties, written per token over a full forward without cache."""
@@ -130,8 +118,8 @@ def test_penalties_and_bias_equal_a_naive_full_forward_loop(model, spec):
     with torch.no_grad():
         for _ in range(14):
             logits = model(torch.tensor([prompt + out]))[0, -1]
-            x = naive_processed(logits, prompt, out, sp)
-            out.append(int(x.argmax()))
+            x = naive(logits, prompt, out, sp, stop_ids=())  # the processors' reference, test_logits_process
+            out.append(max(range(len(x)), key=x.__getitem__))
         full = model(torch.tensor([prompt + out]))[0, len(prompt) - 1: -1]
     assert toks == out
     raw = torch.log_softmax(full.float(), -1)
