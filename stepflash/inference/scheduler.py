@@ -97,7 +97,7 @@ class Request:
             self.generator = torch.Generator().manual_seed(seed)
         k = self.params.speculative_tokens
         self.pos_tried, self.pos_accepted = [0] * k, [0] * k
-        self.accept_rate = [1.0] * k  # optimistic: a new request drafts fully until measured
+        self.accept_rate = [1.0] * k  # replaced by DraftPolicy's shared prior before its first verify step
 
     @property
     def finished(self) -> bool:
